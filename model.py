@@ -1,0 +1,253 @@
+"""
+GPT-2 in one file, read top to bottom: attention, MLP, block, config, model.
+
+Parameter names follow OpenAI's checkpoint (as Hugging Face stores it) so that
+importing and exporting weights is a rename-free copy; only HF's Conv1D weights
+are stored transposed relative to nn.Linear.
+References: OpenAI's gpt-2 src/model.py, HF transformers modeling_gpt2.py, nanoGPT.
+"""
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation ("gelu_new" in HF)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # pre-norm residual stream (GPT-2 moved the LayerNorms to the block inputs)
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # maximum context length
+    vocab_size: int = 50257  # GPT-2's BPE: 50000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    # Round the embedding/output matrices up to a multiple of this (64 -> 50304) for faster
+    # GPU matmuls. The extra rows are never predicted: logits are cut back to vocab_size.
+    vocab_pad_multiple: int = 1
+
+    @property
+    def padded_vocab_size(self):
+        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+
+# Hugging Face stores these as Conv1D, i.e. (in_features, out_features): transpose on import/export.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2, Press & Wolf 2017)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJ", False):
+                # GPT-2 paper: scale the residual-path weights by 1/sqrt(N) for N residual adds (2 per block)
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        # the padded columns exist only to make the matmul fast: cut them so they are never predicted
+        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- parameters, FLOPs, optimizer ----
+
+    def num_params(self, non_embedding=True):
+        """Parameter count. Tied wte/lm_head counts once; non_embedding drops the position
+        embedding (a lookup, no FLOPs) but keeps wte, which does real work as the output layer."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B; nanoGPT's estimate_mfu):
+        6 per weight for forward+backward matmuls, plus attention's QK^T and AV over T positions."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak FLOP/s."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
+        """AdamW that decays only matrices (weights, embeddings), not biases and LayerNorm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # the fused kernel is one launch for all parameters instead of several per tensor
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+
+    # ---- sampling ----
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens. temperature=0 decodes greedily.
+        Pass a torch.Generator for reproducible samples that leave the global RNG untouched."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits[logits < kth] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    # ---- Hugging Face import / export ----
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **overrides):
+        """Load GPT-2 weights from the HF hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local
+        folder written by save_pretrained (config.json + model.safetensors). overrides set other
+        GPTConfig fields, e.g. vocab_pad_multiple=64."""
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        c = hf.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
+        if c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn or not c.scale_attn_weights:
+            raise ValueError(f"{name_or_dir}: attention scaling options differ from GPT-2's")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, **overrides)
+        model = cls(config)
+        sd = model.state_dict()
+        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd_hf.pop("lm_head.weight", None)  # tied to wte
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                if k.endswith(CONV1D_WEIGHTS):
+                    v = v.t()
+                if k == "transformer.wte.weight":  # padded rows, if any, stay zero
+                    sd[k].zero_()
+                    sd[k][: v.size(0)].copy_(v)
+                    continue
+                assert sd[k].shape == v.shape, f"{k}: {tuple(sd[k].shape)} vs HF {tuple(v.shape)}"
+                sd[k].copy_(v)
+        return model
+
+    def save_pretrained(self, out_dir):
+        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads with the
+        same logits. Written to a temporary folder and renamed, so a crash never leaves half a model."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = self.config
+        hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                               n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                               tie_word_embeddings=True)
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue
+            v = v.detach().float().cpu()
+            if k.endswith(CONV1D_WEIGHTS):
+                v = v.t()
+            if k == "transformer.wte.weight":
+                v = v[: cfg.vocab_size]  # drop the padding rows
+            sd[k] = v.contiguous()
+        hf = GPT2LMHeadModel(hf_config)
+        missing, unexpected = hf.load_state_dict(sd, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        hf.tie_weights()
+
+        out_dir = os.path.abspath(out_dir)
+        parent = os.path.dirname(out_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        try:
+            hf.save_pretrained(tmp)
+            old = None
+            if os.path.exists(out_dir):
+                old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+                os.replace(out_dir, os.path.join(old, "model"))
+            os.replace(tmp, out_dir)
+            if old:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
