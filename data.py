@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 
+import numpy as np
 import tiktoken
 
 # ---------------------------------------------------------------------------
@@ -95,3 +96,58 @@ def atomic_write(path, mode="wb"):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# ---------------------------------------------------------------------------
+# Token shards
+#
+# .bin is llm.c's format, which llm.c and modded-nanogpt read and write: a header of 256 int32
+# (magic, version, number of tokens, zeros) then the tokens as uint16. .npy is build-nanogpt's:
+# a bare uint16 numpy array. The reader takes both, so shards from any of these repos work here.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def write_shard(path, tokens):
+    """Write uint16 tokens to `path` (.bin: llm.c header; .npy: numpy), atomically."""
+    path = os.fspath(path)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must fit uint16 (0..65535), got {tokens.min()}..{tokens.max()}")
+    tokens = tokens.astype("<u2", copy=False)
+    with atomic_write(path) as f:
+        if path.endswith(".npy"):
+            np.save(f, tokens)
+        else:
+            header = np.zeros(HEADER_INTS, dtype="<i4")
+            header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+            f.write(header.tobytes())
+            f.write(tokens.tobytes())
+
+
+def read_shard(path):
+    """The tokens of a shard as a read-only uint16 array (memory-mapped, nothing loaded up front).
+    A .bin shard's header is checked: magic, version, and that the file holds every token it claims."""
+    path = os.fspath(path)
+    if path.endswith(".npy"):
+        tokens = np.load(path, mmap_mode="r")
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise ValueError(f"{path}: expected a 1-D uint16 array, got {tokens.ndim}-D {tokens.dtype}")
+        return tokens
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte llm.c header; "
+                         "the file is truncated, delete it and re-run fineweb_edu.py")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not an llm.c token shard")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    n = int(header[2])
+    if size != HEADER_BYTES + 2 * n:
+        raise ValueError(f"{path}: header says {n} tokens but the file holds {(size - HEADER_BYTES) // 2}; "
+                         "the file is truncated, delete it and re-run fineweb_edu.py")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))

@@ -51,3 +51,41 @@ def test_atomic_write_success_and_failure(tmp_path):
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "first"  # the old file is intact
     assert os.listdir(tmp_path) == ["f.txt"]  # and no temp file is left behind
+
+
+@pytest.mark.parametrize("ext", [".bin", ".npy"])
+def test_shard_round_trip(tmp_path, ext):
+    import numpy as np
+
+    from data import read_shard, write_shard
+
+    tokens = np.array([50256, 0, 1, 65535, 1234], dtype=np.int64)
+    path = tmp_path / f"s{ext}"
+    write_shard(path, tokens)
+    back = read_shard(path)
+    assert back.dtype == np.uint16 and back.tolist() == tokens.tolist()
+    if ext == ".bin":  # llm.c's layout, checked byte by byte
+        raw = path.read_bytes()
+        header = np.frombuffer(raw[:1024], dtype="<i4")
+        assert header[:3].tolist() == [20240520, 1, 5] and not header[3:].any()
+        assert np.frombuffer(raw[1024:], dtype="<u2").tolist() == tokens.tolist()
+    else:
+        assert np.load(path).tolist() == tokens.tolist()
+
+
+def test_shard_errors(tmp_path):
+    import numpy as np
+
+    from data import read_shard, write_shard
+
+    with pytest.raises(ValueError, match="uint16"):
+        write_shard(tmp_path / "big.bin", [70000])
+    path = tmp_path / "t.bin"
+    write_shard(path, np.arange(100))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_shard(path)
+    path.write_bytes(b"\0" * 1024 + raw[1024:])
+    with pytest.raises(ValueError, match="bad magic"):
+        read_shard(path)
