@@ -151,3 +151,92 @@ def read_shard(path):
         raise ValueError(f"{path}: header says {n} tokens but the file holds {(size - HEADER_BYTES) // 2}; "
                          "the file is truncated, delete it and re-run fineweb_edu.py")
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def list_shards(data_dir, split):
+    """Sorted shard paths of one split ('train' or 'val'): *_{split}_NNNNNN.bin or .npy."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir {data_dir} does not exist; make shards first: python fineweb_edu.py")
+    names = sorted(n for n in os.listdir(data_dir)
+                   if f"_{split}_" in n and n.endswith((".bin", ".npy")) and not n.startswith("."))
+    if not names:
+        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}; "
+                                "make them first: python fineweb_edu.py")
+    return [os.path.join(data_dir, n) for n in names]
+
+
+class DataLoader:
+    """Batches of (x, y) token tensors, x = tokens[i : i+T], y = tokens[i+1 : i+T+1].
+
+    Every micro-step all ranks together read one contiguous window of world_size·B·T tokens, rank r
+    taking the r-th slice, so the tokens that make up a step do not depend on how they are split
+    across ranks and micro-steps: 2 GPUs × 4 micro-steps see what 1 GPU × 8 micro-steps sees.
+    A shard's tail too short for a whole window is skipped. The position is a few integers
+    (state_dict), so a resumed run continues with exactly the next batch.
+
+    shuffle=True permutes the shard order every epoch and, inside each shard, the order of chunks
+    of whole documents (cut at <|endoftext|>), seeded by (seed, epoch, shard): every rank computes
+    the same order with no communication.
+    """
+
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=0):
+        self.paths = list_shards(data_dir, split)
+        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.reset()
+
+    def reset(self):
+        self.epoch, self.shard, self.pos = 0, 0, 0
+        self._load()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+        self._load()
+
+    def _load(self):
+        # a shard too short for one window (say, the last one) is skipped
+        window = self.world_size * self.B * self.T + 1
+        for _ in range(len(self.paths) + 1):
+            order = np.arange(len(self.paths))
+            if self.shuffle:
+                order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.paths))
+            shard_id = int(order[self.shard])
+            self.tokens = read_shard(self.paths[shard_id])
+            if self.shuffle:
+                self.tokens = self._shuffle_documents(self.tokens, shard_id)
+            if len(self.tokens) >= window:
+                return
+            self._next_shard()
+        raise ValueError(f"no shard in {os.path.dirname(self.paths[0])} holds one batch of {window} tokens "
+                         f"(world_size·micro_batch_size·seq_len+1); lower micro_batch_size or seq_len")
+
+    def _next_shard(self):
+        self.shard, self.pos = self.shard + 1, 0
+        if self.shard == len(self.paths):
+            self.epoch, self.shard = self.epoch + 1, 0
+
+    def _shuffle_documents(self, tokens, shard_id):
+        # cut at the first document start at or after every multiple of T: chunks of whole documents
+        doc_starts = np.flatnonzero(tokens == EOT)
+        idx = np.searchsorted(doc_starts, np.arange(0, len(tokens), self.T))
+        cuts = doc_starts[idx[idx < len(doc_starts)]]
+        bounds = np.unique(np.concatenate(([0], cuts, [len(tokens)])))
+        chunks = list(zip(bounds[:-1], bounds[1:]))
+        perm = np.random.default_rng((self.seed, self.epoch, shard_id)).permutation(len(chunks))
+        return np.concatenate([tokens[chunks[i][0]:chunks[i][1]] for i in perm])
+
+    def next_batch(self):
+        import torch  # here, not at the top: fineweb_edu.py uses this module and needs no torch (a 3 s import)
+
+        B, T = self.B, self.T
+        start = self.pos + self.rank * B * T
+        buf = torch.from_numpy(self.tokens[start: start + B * T + 1].astype(np.int64))
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+        self.pos += self.world_size * B * T
+        if self.pos + self.world_size * B * T + 1 > len(self.tokens):  # the next window would not fit
+            self._next_shard()
+            self._load()
+        return x, y

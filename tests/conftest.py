@@ -32,3 +32,65 @@ def enc():
     from data import gpt2_tokenizer
 
     return gpt2_tokenizer()
+
+
+WORDS = ("the a cat dog sat ran on under mat tree and then it was happy sad because of rain sun in "
+         "town sea old new big small house river went home saw bird").split()
+
+
+def make_corpus(n_docs, seed=0):
+    """Documents of English-like word salad with some regularity a tiny model can learn."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 12))]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def run_script(*args, env=None, timeout=600, check=True):
+    """Run one of the repo's scripts with this interpreter; returns the CompletedProcess."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {out.returncode}\nstdout:\n{out.stdout[-3000:]}\n"
+                             f"stderr:\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory):
+    """Tiny token shards made the way users make them: fineweb_edu.py --input corpus.jsonl."""
+    import json
+
+    root = tmp_path_factory.mktemp("shards")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_corpus(1500)))
+    data_dir = root / "data"
+    run_script("fineweb_edu.py", "--input", str(corpus), "--data_dir", str(data_dir), "--shard_size", "20000",
+               "--num_proc", "1")
+    return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def hellaswag_file(tmp_path_factory):
+    """A small local file in rowanz/hellaswag's jsonl shape."""
+    import json
+    import random
+
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
+    rows = []
+    for i in range(12):
+        ctx = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))).capitalize()
+        endings = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) + "." for _ in range(4)]
+        rows.append({"ind": i, "activity_label": "Test", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
+                     "endings": endings, "label": rng.randrange(4), "split": "val", "split_type": "indomain",
+                     "source_id": f"test~{i}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -89,3 +89,93 @@ def test_shard_errors(tmp_path):
     path.write_bytes(b"\0" * 1024 + raw[1024:])
     with pytest.raises(ValueError, match="bad magic"):
         read_shard(path)
+
+
+def _shards(tmp_path, sizes, eot_every=7):
+    """Train shards of consecutive integers (so every token says where it came from), EOT every few."""
+    import numpy as np
+
+    from data import EOT, write_shard
+
+    write_shard(tmp_path / "d_val_000000.bin", np.arange(100))
+    start = 0
+    for i, n in enumerate(sizes):
+        tokens = np.arange(start, start + n) % 50000
+        tokens[::eot_every] = EOT
+        write_shard(tmp_path / f"d_train_{i + 1:06d}.bin", tokens)
+        start += n
+    return str(tmp_path)
+
+
+def test_loader_ranks_split_the_same_window(tmp_path):
+    import torch
+
+    from data import DataLoader
+
+    d = _shards(tmp_path, [500, 300])
+    single = DataLoader(d, "train", B=2, T=8)
+    ranks = [DataLoader(d, "train", B=1, T=8, rank=r, world_size=2) for r in range(2)]
+    for _ in range(120):  # several shard changes and epochs
+        x, y = single.next_batch()
+        parts = [loader.next_batch() for loader in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    assert single.epoch > 0 and single.state_dict() == ranks[0].state_dict() == ranks[1].state_dict()
+
+
+def test_loader_reads_every_shard_in_order_and_skips_short_tails(tmp_path):
+    from data import DataLoader
+
+    d = _shards(tmp_path, [100, 40, 5], eot_every=1000)  # the 5-token shard is too short: skipped
+    loader = DataLoader(d, "train", B=2, T=10)
+    firsts = [loader.next_batch()[0][0, 1].item() - 1 for _ in range(5)]  # [0, 0] is an EOT
+    # shard 1: windows at 0, 20, 40, 60 (80+21 > 100); shard 2: window at 100; then epoch 2 again at 0
+    assert firsts == [0, 20, 40, 60, 100] and loader.state_dict() == {"epoch": 1, "shard": 0, "pos": 0}
+
+
+def test_loader_state_dict_resumes_exactly(tmp_path):
+    import torch
+
+    from data import DataLoader
+
+    d = _shards(tmp_path, [500, 300])
+    a = DataLoader(d, "train", B=2, T=8, shuffle=True, seed=5)
+    for _ in range(23):
+        a.next_batch()
+    b = DataLoader(d, "train", B=2, T=8, shuffle=True, seed=5)
+    b.load_state_dict(a.state_dict())
+    for _ in range(60):
+        xa, xb = a.next_batch()[0], b.next_batch()[0]
+        assert torch.equal(xa, xb)
+
+
+def test_shuffle_permutes_whole_documents(tmp_path):
+    import numpy as np
+
+    from data import EOT, DataLoader
+
+    d = _shards(tmp_path, [2000], eot_every=9)
+    plain = DataLoader(d, "train", B=1, T=16)
+    shuffled = DataLoader(d, "train", B=1, T=16, shuffle=True, seed=0)
+    assert sorted(shuffled.tokens.tolist()) == sorted(plain.tokens.tolist())  # same tokens
+    assert shuffled.tokens.tolist() != plain.tokens.tolist()  # other order
+    # every document (EOT + the 8 numbers after it) is still whole and in order
+    t = np.asarray(shuffled.tokens)
+    for start in np.flatnonzero(t == EOT):
+        doc = t[start + 1: start + 9]
+        if len(doc) == 8 and EOT not in doc:
+            assert np.all(np.diff(doc) == 1)
+    again = DataLoader(d, "train", B=1, T=16, shuffle=True, seed=0)
+    assert again.tokens.tolist() == shuffled.tokens.tolist()  # seeded: every rank agrees
+    other = DataLoader(d, "train", B=1, T=16, shuffle=True, seed=1)
+    assert other.tokens.tolist() != shuffled.tokens.tolist()
+
+
+def test_loader_errors(tmp_path):
+    from data import DataLoader
+
+    with pytest.raises(FileNotFoundError, match="python fineweb_edu.py"):
+        DataLoader(str(tmp_path), "train", B=1, T=8)
+    d = _shards(tmp_path, [10])
+    with pytest.raises(ValueError, match="lower micro_batch_size or seq_len"):
+        DataLoader(d, "train", B=4, T=8)

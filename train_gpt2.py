@@ -1,0 +1,726 @@
+"""
+Train GPT-2 on token shards from fineweb_edu.py: one process, or many with torchrun (DDP).
+
+    python train_gpt2.py                                     # CPU / Apple laptop / one GPU
+    torchrun --standalone --nproc-per-node=8 train_gpt2.py   # 8 GPUs, one node
+    python train_gpt2.py --n_layer 4 --n_head 4 --n_embd 128 --total_batch_size 16384 \
+        --micro_batch_size 16 --seq_len 256 --max_steps 200   # a tiny model on a laptop
+
+Every setting is a TrainConfig or GPTConfig field and a flag of the same name (--micro_batch_size 16);
+--config file.json sets many at once (flags win). Defaults reproduce build-nanogpt's GPT-2 124M run:
+10B tokens, 19073 steps of 524288 tokens.
+
+Writes logs/<run_name>/{log.txt, metrics.jsonl, config.json, samples.txt, plot.png} (small: rsync it
+home) and checkpoints/<run_name>/step_NNNNNN.pt + latest (big: keep it on the node's volume).
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag
+from data import DataLoader, atomic_write, gpt2_tokenizer
+from model import GPT, GPTConfig
+from plot import plot_runs
+
+
+@dataclass
+class TrainConfig:
+    # data: shards written by fineweb_edu.py (or llm.c / build-nanogpt)
+    data_dir: str = "data/fineweb_edu"
+    shuffle: bool = False  # permute shard order and document chunks each epoch (seeded, same on every rank)
+    # batch: total_batch_size = micro_batch_size · seq_len · world_size · grad_accum_steps
+    total_batch_size: int = 524288  # 2**19 tokens, ~0.5M as in GPT-3 125M
+    micro_batch_size: int = 64  # lower this on out-of-memory; accumulation keeps the total batch
+    seq_len: int = 1024
+    # optimisation: AdamW, linear warmup then cosine decay to min_lr_frac · max_lr
+    max_steps: int = 19073  # 10B tokens / 524288
+    warmup_steps: int = 715  # 375M tokens (GPT-3 paper)
+    max_lr: float = 6e-4
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    # evaluation, every N steps and at the end (0 = off)
+    val_every: int = 250
+    val_steps: int = 20  # batches of total_batch_size tokens from the start of the val shard
+    hellaswag_every: int = 250
+    hellaswag_file: str = ""  # local hellaswag_val.jsonl; empty = download it once
+    hellaswag_limit: int = 0  # evaluate the first N examples only (0 = all 10042)
+    sample_every: int = 250
+    sample_prompt: str = "Hello, I'm a language model,"
+    num_samples: int = 4
+    sample_tokens: int = 32
+    # system
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # auto: bfloat16 on CUDA with compute capability >= 8.0, float16 below, float32 elsewhere
+    compile: bool | None = None  # torch.compile; default on for CUDA
+    seed: int = 1337
+    peak_flops: float = 0.0  # per device, for MFU; 0 = look the GPU up in PEAK_FLOPS
+    # output
+    log_dir: str = "logs"
+    run_name: str = ""  # default: a timestamp
+    checkpoint_dir: str = ""  # default: checkpoints/<run_name>
+    checkpoint_every: int = 5000  # steps (0 = only at the end)
+    checkpoint_every_minutes: float = 5.0  # bounds the work a hard kill loses (0 = off)
+    keep_checkpoints: int = 3  # newest checkpoints kept (0 = all)
+    resume: str = "auto"  # auto: newest good checkpoint in checkpoint_dir, if any | none | a checkpoint file/folder
+
+
+# GPTConfig defaults that differ when training: GPT-2's 50257 rounded up to 50304 = 64·786 makes the
+# embedding and output matmuls tile evenly on GPUs (build-nanogpt measured ~4% faster).
+TRAIN_MODEL_DEFAULTS = {"vocab_pad_multiple": 64}
+
+# Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (fp16 for V100/T4).
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def fail(msg):
+    """One clear line on stderr and a non-zero exit, instead of a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ---------------------------------------------------------------------------
+# configuration: flags generated from the dataclasses
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file of settings (flat, or a run's config.json); flags override it")
+    for cls in (TrainConfig, GPTConfig):
+        group = parser.add_argument_group(cls.__name__)
+        for f in fields(cls):
+            if f.type in (bool, bool | None):
+                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            else:
+                group.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS, metavar=f.type.__name__.upper())
+    args = vars(parser.parse_args(argv))
+    values = {}
+    if config_file := args.pop("config", None):
+        try:
+            with open(config_file) as f:
+                loaded = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"cannot read --config {config_file}: {e}")
+        if "train" in loaded or "model" in loaded:  # a run's config.json
+            loaded = {**loaded.get("train", {}), **loaded.get("model", {})}
+        known = {f.name for cls in (TrainConfig, GPTConfig) for f in fields(cls)}
+        if unknown := sorted(set(loaded) - known):
+            parser.error(f"--config {config_file}: unknown settings {', '.join(unknown)}")
+        values.update(loaded)
+    values.update(args)
+    train_names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
+    model_cfg = GPTConfig(**{**TRAIN_MODEL_DEFAULTS, **{k: v for k, v in values.items() if k not in train_names}})
+    return cfg, model_cfg
+
+
+def grad_accum_steps(cfg, world_size):
+    per_step = cfg.micro_batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size % per_step:
+        fail(f"total_batch_size {cfg.total_batch_size} is not a multiple of micro_batch_size·seq_len·world_size "
+             f"= {cfg.micro_batch_size}·{cfg.seq_len}·{world_size} = {per_step}; change --micro_batch_size "
+             f"or --total_batch_size")
+    return cfg.total_batch_size // per_step
+
+
+def get_lr(step, cfg):
+    """Linear warmup to max_lr, cosine decay to min_lr_frac·max_lr at max_steps (GPT-3 paper)."""
+    min_lr = cfg.max_lr * cfg.min_lr_frac
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - min_lr)
+
+
+# ---------------------------------------------------------------------------
+# devices and processes
+
+def setup_distributed(cfg):
+    """(rank, local_rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain python doesn't."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = cfg.device
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{local_rank}"  # one GPU per process on each node
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world_size, device
+
+
+def resolve_dtype(cfg, device_type):
+    if cfg.dtype != "auto":
+        if cfg.dtype not in ("float32", "bfloat16", "float16"):
+            fail(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+        return getattr(torch, cfg.dtype)
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return torch.float32  # CPU and MPS autocast are slower or less complete than plain fp32
+
+
+def peak_flops_per_device(cfg, device_type):
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in PEAK_FLOPS.items():  # most specific names first
+            if key in name:
+                return flops
+    return None  # unknown: MFU is not reported
+
+
+def all_reduce_sum(t, world_size):
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG: sum, then divide where needed
+    return t
+
+
+class GpuStats:
+    """GPU memory from torch; utilisation from NVML when nvidia-ml-py is installed (uv sync --extra gpu)."""
+
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+        self.nvml = None
+        if self.cuda:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.nvml = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+                self.pynvml = pynvml
+            except Exception:  # not installed, or no NVML driver: skip utilisation
+                self.nvml = None
+
+    def read(self):
+        if not self.cuda:
+            return {}
+        stats = {"mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+        if self.nvml is not None:
+            stats["gpu_util"] = self.pynvml.nvmlDeviceGetUtilizationRates(self.nvml).gpu
+        return stats
+
+
+# ---------------------------------------------------------------------------
+# logs: log.txt in build-nanogpt's format, metrics.jsonl with everything, both appended line by line
+
+class RunLog:
+    CLASSIC = {"train": "loss", "val": "val_loss", "hella": "acc_norm"}
+
+    def __init__(self, run_dir, enabled):
+        self.run_dir, self.enabled = run_dir, enabled
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+
+    def event(self, event, **fields):
+        """Record one event. Each line goes out in a single write, flushed, so a reader (or rsync)
+        sees whole lines; plot.py skips a half line left by a hard kill."""
+        if not self.enabled:
+            return
+        rec = {"event": event, "time": time.time(), **fields}
+        self._append("metrics.jsonl", json.dumps(rec) + "\n")
+        if event in self.CLASSIC:
+            value = fields[self.CLASSIC[event]]
+            self._append("log.txt", f"{fields['step']} {event} {value:.6f}\n" if event == "train"
+                         else f"{fields['step']} {event} {value:.4f}\n")
+
+    def _append(self, name, text):
+        with open(os.path.join(self.run_dir, name), "a") as f:
+            f.write(text)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# checkpoints: resumable runs that survive preemption
+#
+# checkpoints/<run>/step_NNNNNN.pt holds everything a resumed run needs; step_NNNNNN.json beside it
+# records its size and sha256, written only after the .pt is complete; `latest` names the newest.
+# All three are written atomically, so a kill at any moment leaves the previous checkpoint usable.
+
+# settings that fix the data order or the model's shape: a resumed run must keep them
+RESUME_FIXED = ("seq_len", "total_batch_size", "shuffle", "seed")
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),  # plain lists: loadable with weights_only
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class _HashingWriter:
+    """Hashes the bytes torch.save streams out, so the checksum costs no second read of the file."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha256.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_checkpoint(ckpt_dir, state, keep):
+    """Write state as step_NNNNNN.pt + .json, point `latest` at it, then prune to the newest `keep`."""
+    name = f"step_{state['step']:06d}"
+    path = os.path.join(ckpt_dir, name + ".pt")
+    with atomic_write(path) as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+    with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
+        json.dump({"file": name + ".pt", "step": state["step"], "bytes": writer.size,
+                   "sha256": writer.sha256.hexdigest()}, f)
+    with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
+        f.write(name + ".pt\n")
+    if keep:  # only now that the new one is safe
+        for old in list_checkpoints(ckpt_dir)[keep:]:
+            for p in (old, old[: -len(".pt")] + ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(p)
+    return path
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def list_checkpoints(ckpt_dir):
+    """step_NNNNNN.pt paths in ckpt_dir, newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted((n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".pt")), reverse=True)
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def verify_checkpoint(path):
+    """None if the file matches the size and sha256 its .json recorded, else what is wrong."""
+    meta_path = path[: -len(".pt")] + ".json"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return "its .json (size and checksum) is missing or unreadable: the save did not finish"
+    size = os.path.getsize(path)
+    if size != meta["bytes"]:
+        return f"it holds {size} bytes, {meta['bytes']} were written: truncated"
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha256.update(chunk)
+    if sha256.hexdigest() != meta["sha256"]:
+        return "its sha256 differs from the one recorded when it was written: corrupt"
+    return None
+
+
+def find_resume_checkpoint(cfg, ckpt_dir):
+    """The checkpoint to resume from, or None to start fresh (decided on rank 0)."""
+    if cfg.resume == "none":
+        if list_checkpoints(ckpt_dir):
+            fail(f"{ckpt_dir} already holds checkpoints and --resume none was given; pass another --run_name "
+                 f"(or --checkpoint_dir) for a new run, or delete {ckpt_dir}")
+        return None
+    if cfg.resume == "auto":
+        candidates = list_checkpoints(ckpt_dir)
+    elif os.path.isdir(cfg.resume):
+        candidates = list_checkpoints(cfg.resume)
+        if not candidates:
+            fail(f"--resume {cfg.resume}: no step_*.pt checkpoints in that folder")
+    elif os.path.isfile(cfg.resume):
+        candidates = [cfg.resume]
+    else:
+        fail(f"--resume {cfg.resume}: no such file or folder (use auto, none, a checkpoint file or folder)")
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+    if candidates:
+        fail(f"no usable checkpoint among {len(candidates)} in {os.path.dirname(candidates[0])}; "
+             f"delete them (or pass --resume none with a new --run_name) to start over")
+    return None
+
+
+def data_fingerprint(loader):
+    """Shard names and sizes: the data a run trains on, whatever folder it sits in."""
+    return [[os.path.basename(p), os.path.getsize(p)] for p in loader.paths]
+
+
+def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
+    """Refuse settings that would change the data order or the model; return the other changes."""
+    saved_train, saved_model = ckpt["train_config"], ckpt["model_config"]
+    if saved_model != asdict(model_cfg):
+        diff = {k: (v, getattr(model_cfg, k)) for k, v in saved_model.items() if getattr(model_cfg, k) != v}
+        fail(f"the checkpoint's model differs: {diff} (checkpoint, now); resume with the same model flags "
+             f"or start a new --run_name")
+    for key in RESUME_FIXED:
+        if saved_train[key] != getattr(cfg, key):
+            fail(f"--{key} {getattr(cfg, key)} differs from the checkpoint's {saved_train[key]}, which would "
+                 f"change the data order; resume with --{key} {saved_train[key]} or start a new --run_name")
+    if ckpt["data"] != fingerprint:
+        fail(f"the shards in {cfg.data_dir} differ from the ones this run trained on "
+             f"({len(ckpt['data'])} shards, first {ckpt['data'][0]}); point --data_dir at those shards")
+    return {k: (v, getattr(cfg, k)) for k, v in saved_train.items()
+            if k not in ("resume", "run_name") and getattr(cfg, k) != v}
+
+
+class StopSignal:
+    """SIGTERM (spot preemption; torchrun forwards it) or SIGINT (Ctrl-C): finish the step, save, exit 0.
+    A second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print(f"{signal.Signals(signum).name} again: exiting now without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
+        self.requested = True
+        print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and exiting "
+              f"(send it again to exit at once)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def val_loss(model, loader, steps, autocast, device, world_size):
+    """Mean loss over `steps` micro-batches per rank, read from the start of the val shard, so
+    every evaluation of a run (and of runs with other world sizes) sees the same tokens."""
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    return (all_reduce_sum(total, world_size) / (steps * world_size)).item()
+
+
+@torch.no_grad()
+def write_samples(raw_model, enc, cfg, step, device, autocast):
+    """num_samples continuations of sample_prompt, from a generator seeded by (seed, step): the same
+    text for the same weights, and the training RNG stream is never touched."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + step)
+    idx = torch.tensor([enc.encode_ordinary(cfg.sample_prompt)] * cfg.num_samples, device=device)
+    was_training = raw_model.training
+    raw_model.eval()
+    with autocast:
+        out = raw_model.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
+    raw_model.train(was_training)
+    return [enc.decode(row.tolist()) for row in out]
+
+
+# ---------------------------------------------------------------------------
+# the training run
+
+def on_rank0(fn, rank, world_size):
+    """Run fn on rank 0 only and hand every rank its result, or its error, so all ranks agree."""
+    result = [None]
+    if rank == 0:
+        try:
+            result = [("ok", fn())]
+        except SystemExit as e:
+            result = [("error", str(e))]
+        except Exception as e:  # the other ranks must hear of it too, or they wait forever
+            result = [("error", f"error: {e}")]
+    if world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    kind, value = result[0]
+    if kind == "error":
+        raise SystemExit(value)
+    return value
+
+
+def download_hellaswag():
+    try:
+        return hellaswag.download()
+    except RuntimeError as e:
+        fail(f"{e}; in training that is --hellaswag_file FILE (or --hellaswag_every 0 to skip HellaSwag)")
+
+
+def train(cfg, model_cfg):
+    """Run (or resume) one training run; returns the run's folders and final evaluation figures."""
+    rank, local_rank, world_size, device = setup_distributed(cfg)
+    stop = StopSignal()
+    try:
+        return _train(cfg, model_cfg, rank, local_rank, world_size, device, stop)
+    finally:
+        stop.restore()
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
+    device_type = device.split(":")[0]
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+
+    accum = grad_accum_steps(cfg, world_size)
+    if cfg.seq_len > model_cfg.block_size:
+        fail(f"seq_len {cfg.seq_len} is longer than the model's block_size {model_cfg.block_size}")
+    ptdtype = resolve_dtype(cfg, device_type)
+    autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (no effect on CPU)
+
+    # rank 0's clock names the run, so every rank writes to the same place
+    run_name = cfg.run_name or on_rank0(lambda: time.strftime("%Y%m%d-%H%M%S"), rank, world_size)
+    run_dir = os.path.join(cfg.log_dir, run_name)
+    ckpt_dir = cfg.checkpoint_dir or os.path.join("checkpoints", run_name)
+    runlog = RunLog(run_dir, enabled=master)
+
+    # the same seed on every rank: identical initial weights (DDP also broadcasts them)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    raw_model = GPT(model_cfg).to(device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), device_type,
+                                               eps=cfg.eps)
+    # fp16 needs loss scaling against underflow; for bf16/fp32 the scaler is a no-op
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+
+    try:
+        train_loader = DataLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.seq_len, rank, world_size,
+                                  shuffle=cfg.shuffle, seed=cfg.seed)
+        val_loader = DataLoader(cfg.data_dir, "val", cfg.micro_batch_size, cfg.seq_len, rank, world_size) \
+            if cfg.val_every else None
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    fingerprint = data_fingerprint(train_loader)
+
+    start_step, evals = 0, {}
+    ckpt_path = on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path)
+        changes = check_resume_settings(ckpt, cfg, model_cfg, fingerprint)
+        if ckpt.get("finished") and ckpt["step"] >= cfg.max_steps:
+            log(f"run {run_name} already finished at step {ckpt['step']} ({ckpt_path}); "
+                f"raise --max_steps to train longer, or pass a new --run_name")
+            return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, **ckpt["evals"]}
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["loader"])
+        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        start_step, evals = ckpt["step"], ckpt["evals"]
+        del ckpt
+        log(f"resumed from {ckpt_path} at step {start_step}"
+            + "".join(f"\n  {k} changed: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+        runlog.event("resume", step=start_step, checkpoint=ckpt_path, world_size=world_size,
+                     changed={k: list(v) for k, v in changes.items()})
+
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    hella_examples = None
+    if cfg.hellaswag_every:
+        path = cfg.hellaswag_file or on_rank0(download_hellaswag, rank, world_size)  # rank 0 downloads once
+        hella_examples = hellaswag.load_examples(path, limit=cfg.hellaswag_limit or None)
+    enc = gpt2_tokenizer() if cfg.sample_every else None
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    peak = peak_flops_per_device(cfg, device_type)
+    gpu = GpuStats(device)
+
+    if master:
+        resolved = {"train": asdict(cfg), "model": asdict(model_cfg),
+                    "run": {"run_name": run_name, "git_commit": git_commit(), "torch": torch.__version__,
+                            "device": torch.cuda.get_device_name() if device_type == "cuda" else device,
+                            "world_size": world_size, "dtype": str(ptdtype).removeprefix("torch."),
+                            "compile": use_compile, "grad_accum_steps": accum, "argv": sys.argv,
+                            "num_params": raw_model.num_params(non_embedding=False), "resumed_from": ckpt_path}}
+        with atomic_write(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
+    log(f"run {run_name}: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters, device {device}"
+        f" × {world_size}, dtype {str(ptdtype).removeprefix('torch.')}, compile {use_compile}")
+    log(f"batch {cfg.total_batch_size} tokens = {cfg.micro_batch_size} × {cfg.seq_len} × {world_size} ranks"
+        f" × {accum} accumulation steps; logs in {run_dir}, checkpoints in {ckpt_dir}")
+    if not ckpt_path:
+        runlog.event("start", step=0, world_size=world_size)
+
+    last_save = time.time()
+
+    def checkpoint(step, finished=False):
+        nonlocal last_save
+        rngs = [None] * world_size  # every rank's generators, though rank 0 alone writes
+        if world_size > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            state = {"step": step,  # optimizer steps done: training continues at this step
+                     "model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
+                     "model_config": asdict(model_cfg), "train_config": asdict(cfg),
+                     "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": rngs,
+                     "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size}
+            path = save_checkpoint(ckpt_dir, state, cfg.keep_checkpoints)
+            log(f"saved {path}")
+            runlog.event("checkpoint", step=step, path=path)
+        last_save = time.time()
+
+    t_start = time.time()
+    for step in range(start_step, cfg.max_steps + 1):
+        last_step = step == cfg.max_steps
+        evaluated = False
+
+        if cfg.val_every and (step % cfg.val_every == 0 or last_step):
+            loss = val_loss(model_for_eval(model), val_loader, cfg.val_steps * accum, autocast, device, world_size)
+            evals["val_loss"] = loss
+            evals["best_val_loss"] = min(loss, evals.get("best_val_loss", loss))
+            log(f"step {step:5d} | val loss {loss:.4f}")
+            runlog.event("val", step=step, val_loss=loss)
+            evaluated = True
+
+        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
+            res = hellaswag.evaluate(raw_model, hella_examples, device=device, rank=rank, world_size=world_size,
+                                     autocast_dtype=None if ptdtype == torch.float32 else ptdtype)
+            evals["hellaswag"] = res["acc_norm"]
+            log(f"step {step:5d} | hellaswag acc_norm {res['acc_norm']:.4f} ({res['correct_norm']}/{res['n']})")
+            runlog.event("hella", step=step, **res)
+            evaluated = True
+
+        if cfg.sample_every and (step % cfg.sample_every == 0 or last_step) and master:
+            samples = write_samples(raw_model, enc, cfg, step, device, autocast)
+            with open(os.path.join(run_dir, "samples.txt"), "a") as f:
+                f.write("".join(f"step {step} sample {i}: {s!r}\n" for i, s in enumerate(samples)))
+            for i, s in enumerate(samples):
+                log(f"sample {i}: {s}")
+            runlog.event("sample", step=step, samples=samples)
+
+        if evaluated and master:
+            plot_runs([run_dir], os.path.join(run_dir, "plot.png"))
+
+        if last_step:
+            break
+
+        # ---- one optimizer step ----
+        t0 = time.time()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(accum):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if world_size > 1:  # all-reduce gradients only once, after the last micro-step
+                model.require_backward_grad_sync = micro_step == accum - 1
+            with autocast:
+                _, loss = model(x, y)
+            loss = loss / accum  # the mean over micro-steps, not the sum
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)
+        scaler.update()
+
+        # one all-reduce carries the loss and what every rank must agree on: stop now? save now?
+        save_due = master and cfg.checkpoint_every_minutes > 0 and \
+            time.time() - last_save > 60 * cfg.checkpoint_every_minutes
+        sync = torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device),
+                            torch.tensor(float(save_due), device=device)])
+        loss_sum, stop_now, save_now = all_reduce_sum(sync, world_size).tolist()  # waits for the GPU too
+        train_loss = loss_sum / world_size
+        dt = time.time() - t0
+
+        tokens_per_sec = cfg.total_batch_size / dt
+        rec = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm.item(), "dt_ms": dt * 1000,
+               "tokens_per_sec": tokens_per_sec, "tokens": (step + 1) * cfg.total_batch_size,
+               "elapsed_s": time.time() - t_start, **gpu.read()}
+        if peak:
+            rec["mfu"] = flops_per_token * tokens_per_sec / (peak * world_size)
+        log(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {rec['grad_norm']:.4f} | "
+            f"dt {dt * 1000:.1f}ms | tok/s {tokens_per_sec:,.0f}"
+            + (f" | mfu {rec['mfu'] * 100:.1f}%" if peak else "")
+            + (f" | mem {rec['mem_gb']:.1f}GiB" if "mem_gb" in rec else "")
+            + (f" | util {rec['gpu_util']}%" if "gpu_util" in rec else ""))
+        runlog.event("train", **rec)
+
+        done = step + 1
+        if stop_now or save_now or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+                                    and done < cfg.max_steps):
+            checkpoint(done)
+        if stop_now:
+            log(f"stopped at step {done} by a signal; run the same command again to resume")
+            runlog.event("stop", step=done)
+            return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "stopped": True, **evals}
+
+    checkpoint(cfg.max_steps, finished=True)
+    runlog.event("end", step=cfg.max_steps, elapsed_s=time.time() - t_start, **evals)
+    return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "stopped": False, **evals}
+
+
+def model_for_eval(model):
+    """Val batches have the training shape, so the compiled module (without the DDP wrapper) serves
+    them with no recompile; DDP's forward would only add gradient-sync bookkeeping."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def main(argv=None):
+    cfg, model_cfg = parse_args(argv)
+    try:
+        train(cfg, model_cfg)
+    except torch.OutOfMemoryError:
+        fail(f"CUDA out of memory at micro_batch_size {cfg.micro_batch_size}; lower --micro_batch_size "
+             f"(gradient accumulation keeps total_batch_size {cfg.total_batch_size} the same)")
+
+
+if __name__ == "__main__":
+    main()
