@@ -112,19 +112,27 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
+        logits = self.head(self.features(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def features(self, idx):
+        """The final hidden states (B, T, n_embd): everything but the output layer."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def head(self, x):
+        """Logits over the real vocabulary. Callers that need only some positions (HellaSwag scores
+        only the endings) pass just those rows of features(): the output layer is the costly part."""
         # the padded columns exist only to make the matmul fast: cut them so they are never predicted
-        logits = self.lm_head(x)[..., : self.config.vocab_size]
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.lm_head(x)[..., : self.config.vocab_size]
 
     # ---- parameters, FLOPs, optimizer ----
 

@@ -216,7 +216,9 @@ class GpuStats:
                 import pynvml
 
                 pynvml.nvmlInit()
-                self.nvml = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+                # by UUID: NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES, torch does not
+                uuid = torch.cuda.get_device_properties(torch.cuda.current_device()).uuid
+                self.nvml = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
                 self.pynvml = pynvml
             except Exception:  # not installed, or no NVML driver: skip utilisation
                 self.nvml = None
@@ -694,8 +696,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         runlog.event("train", **rec)
 
         done = step + 1
-        if stop_now or save_now or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0
-                                    and done < cfg.max_steps):
+        periodic = save_now or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        if stop_now or (periodic and done < cfg.max_steps):  # the last step's checkpoint follows the final evals
             checkpoint(done)
         if stop_now:
             log(f"stopped at step {done} by a signal; run the same command again to resume")

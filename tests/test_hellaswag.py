@@ -157,8 +157,14 @@ class UnigramModel(nn.Module):
         scores[good] = bonus
         self.register_buffer("scores", scores)
 
+    def features(self, idx):
+        return torch.zeros(*idx.shape, 1)
+
+    def head(self, x):
+        return self.scores.expand(*x.shape[:-1], -1)
+
     def forward(self, idx):
-        return self.scores.expand(*idx.shape, -1), None
+        return self.head(self.features(idx)), None
 
 
 def test_known_accuracy(enc):

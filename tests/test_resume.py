@@ -96,6 +96,31 @@ def test_sigterm_saves_and_the_same_command_resumes(small_shards, tmp_path):
     assert_same_weights(tmp_path / "ckpt" / "ref", ckpt_dir)
 
 
+def test_second_signal_exits_at_once(small_shards, tmp_path):
+    # a wider model, so a step lasts long enough for the second Ctrl-C to land inside it
+    argv = [sys.executable, "train_gpt2.py", *tiny_args(tmp_path, small_shards, "r", "--max_steps", "500",
+                                                        "--n_embd", "512", "--n_layer", "4")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step     1 | loss"):
+            proc.send_signal(signal.SIGINT)  # Ctrl-C ...
+        if line.startswith("SIGINT: finishing this step"):
+            proc.send_signal(signal.SIGINT)  # ... and again: no waiting for the checkpoint
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT, rest
+    assert "SIGINT again: exiting now without a checkpoint" in rest
+    assert not os.path.exists(tmp_path / "ckpt" / "r")
+
+
+def test_checkpoint_every_minutes(small_shards, tmp_path):
+    run_inprocess(tiny_args(tmp_path, small_shards, "r", "--max_steps", "3", "--val_every", "0",
+                            "--checkpoint_every_minutes", "1e-6", "--keep_checkpoints", "0"))
+    saved = [e["step"] for e in events(tmp_path / "logs" / "r", "checkpoint")]
+    assert saved == [1, 2, 3]  # a step takes longer than 1e-6 minutes: one after every step
+
+
 def test_damaged_checkpoints_are_skipped(small_shards, tmp_path):
     args = tiny_args(tmp_path, small_shards, "r", "--max_steps", "6", "--val_every", "0", "--checkpoint_every",
                      "2", "--keep_checkpoints", "0")
@@ -128,20 +153,22 @@ def test_incompatible_settings_are_refused(small_shards, tmp_path):
                            (["--total_batch_size", "512"], "--total_batch_size 512 differs"),
                            (["--n_embd", "48"], "the checkpoint's model differs"),
                            (["--shuffle"], "--shuffle True differs")]:
-        out = run_script("train_gpt2.py", *args, *flags, check=False)
-        assert out.returncode != 0 and message in out.stderr, (flags, out.stderr)
-        assert "Traceback" not in out.stderr
-    out = run_script("train_gpt2.py", *args, "--resume", "none", check=False)
-    assert out.returncode != 0 and "already holds checkpoints and --resume none was given" in out.stderr
+        with pytest.raises(SystemExit, match=message):
+            run_inprocess([*args, *flags])
+    out = run_script("train_gpt2.py", *args, "--resume", "none", check=False)  # and on the command line:
+    assert out.returncode != 0 and "Traceback" not in out.stderr  # one line, no traceback
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "already holds checkpoints and --resume none was given" in out.stderr
 
 
-def test_safe_changes_are_allowed_and_logged(small_shards, tmp_path):
+def test_safe_changes_are_allowed_and_logged(small_shards, tmp_path, capsys):
     args = tiny_args(tmp_path, small_shards, "r", "--val_every", "0")
     run_inprocess([*args, "--max_steps", "3"])
-    out = run_script("train_gpt2.py", *args, "--max_steps", "3")
-    assert "already finished at step 3" in out.stdout  # rerunning a finished run does nothing
-    out = run_script("train_gpt2.py", *args, "--max_steps", "5", "--val_every", "2", "--micro_batch_size", "2")
-    assert "max_steps changed: 3 -> 5" in out.stdout and "val_every changed: 0 -> 2" in out.stdout
+    run_inprocess([*args, "--max_steps", "3"])
+    assert "already finished at step 3" in capsys.readouterr().out  # rerunning a finished run does nothing
+    run_inprocess([*args, "--max_steps", "5", "--val_every", "2", "--micro_batch_size", "2"])
+    out = capsys.readouterr().out
+    assert "max_steps changed: 3 -> 5" in out and "val_every changed: 0 -> 2" in out
     resume = events(tmp_path / "logs" / "r", "resume")[0]
     assert resume["step"] == 3 and resume["changed"]["micro_batch_size"] == [4, 2]
     assert sorted(losses_by_step(tmp_path / "logs" / "r")) == list(range(5))
