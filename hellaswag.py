@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from data import atomic_write, gpt2_tokenizer
+from data import EOT, atomic_write, gpt2_tokenizer
 from model import GPT, HF_MODEL_NAMES, GPTConfig
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -72,7 +72,10 @@ def load_examples(path, limit=None):
                 break
             if not line.strip():
                 continue
-            example = json.loads(line)
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {line_number}: not JSON ({e})") from e
             if not isinstance(example.get("ctx"), str) or len(example.get("endings", ())) != 4 or "label" not in example:
                 raise ValueError(f"{path} line {line_number}: not a HellaSwag example (needs ctx, 4 endings, label)")
             examples.append(example)
@@ -82,7 +85,7 @@ def load_examples(path, limit=None):
 def render(example, enc, block_size):
     """The 4 token rows of an example, each (tokens, n) where the last n tokens are the ending's.
     A row longer than block_size loses tokens from the left of its context: the ending is kept."""
-    ctx = enc.encode_ordinary(example["ctx"])
+    ctx = enc.encode_ordinary(example["ctx"]) or [EOT]  # an empty context: the ending follows a document break
     rows = []
     for ending in example["endings"]:
         end = enc.encode_ordinary(" " + ending)  # the space that joins ending to context belongs to the ending
@@ -238,6 +241,8 @@ def main(argv=None):
     parser.add_argument("--reference", action="store_true",
                         help="score one example at a time with unpadded forwards (slow; checks the batched path)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch_size and --limit must be at least 1")
 
     # under torchrun every rank scores its share of the examples; rank 0 prints
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

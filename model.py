@@ -171,6 +171,8 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Extend idx (B, T) by max_new_tokens sampled tokens. temperature=0 decodes greedily.
         Pass a torch.Generator for reproducible samples that leave the global RNG untouched."""
+        if idx.size(1) == 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError("generate needs a non-empty prompt, temperature >= 0 and top_k >= 1 (or None)")
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :].float()
@@ -201,6 +203,9 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
         if c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn or not c.scale_attn_weights:
             raise ValueError(f"{name_or_dir}: attention scaling options differ from GPT-2's")
+        if not c.tie_word_embeddings or c.layer_norm_epsilon != 1e-5 or c.n_inner not in (None, 4 * c.n_embd):
+            raise ValueError(f"{name_or_dir}: not GPT-2's shape (needs tied embeddings, layer_norm_epsilon 1e-5 "
+                             f"and n_inner 4·n_embd)")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, **overrides)
         model = cls(config)
@@ -243,19 +248,13 @@ class GPT(nn.Module):
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         hf.tie_weights()
 
-        out_dir = os.path.abspath(out_dir)
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        # write into a temporary folder beside out_dir, then move each file in: a crash never leaves half
+        # a model, and whatever else out_dir holds is left alone
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
         try:
             hf.save_pretrained(tmp)
-            old = None
-            if os.path.exists(out_dir):
-                old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-                os.replace(out_dir, os.path.join(old, "model"))
-            os.replace(tmp, out_dir)
-            if old:
-                shutil.rmtree(old)
-        except BaseException:
+            for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # the config last
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise

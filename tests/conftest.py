@@ -22,6 +22,9 @@ def tiny_hf_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(**TINY))
+    with torch.no_grad():  # HF initialises biases to 0 and LayerNorms to 1/0: randomise every tensor so
+        for p in hf.parameters():  # that a bias or gain lost on import or export shows in the logits
+            p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path_factory.mktemp("tiny_hf")
     hf.save_pretrained(path)
     return str(path)

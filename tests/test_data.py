@@ -27,6 +27,21 @@ print(enc.encode_ordinary("Hello, I'm a language model,"))
 """
 
 
+@pytest.mark.parametrize("cache", ["corrupt", "unwritable", "off"])
+def test_tokenizer_offline_whatever_the_cache(tmp_path, cache):
+    env = dict(os.environ)
+    if cache == "corrupt":  # a damaged copy is replaced, not handed to tiktoken (which would download)
+        (tmp_path / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").write_bytes(b"garbage")
+        env["TIKTOKEN_CACHE_DIR"] = str(tmp_path)
+    elif cache == "unwritable":
+        env["TIKTOKEN_CACHE_DIR"] = "/dev/null/cache"
+    else:
+        env["TIKTOKEN_CACHE_DIR"] = ""
+    out = subprocess.run([sys.executable, "-c", NO_NETWORK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[15496, 11, 314, 1101, 257, 3303, 2746, 11]"
+
+
 def test_tokenizer_offline_into_empty_cache(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -147,6 +162,19 @@ def test_loader_state_dict_resumes_exactly(tmp_path):
     for _ in range(60):
         xa, xb = a.next_batch()[0], b.next_batch()[0]
         assert torch.equal(xa, xb)
+
+
+def test_loader_resumes_with_a_bigger_window(tmp_path):
+    # saved by 1 rank reading 2×8 tokens, 48 tokens before the end of a 1000-token shard; resumed by 2
+    # ranks reading 4×8 each, whose window no longer fits there: both move on to the next shard
+    from data import DataLoader
+
+    d = _shards(tmp_path, [1000, 500], eot_every=1000)
+    ranks = [DataLoader(d, "train", B=4, T=8, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        loader.load_state_dict({"epoch": 0, "shard": 0, "pos": 952})
+        x, _ = loader.next_batch()
+        assert x.shape == (4, 8) and x[0, 1].item() == 1000 + loader.rank * 32 + 1
 
 
 def test_shuffle_permutes_whole_documents(tmp_path):

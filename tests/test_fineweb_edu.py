@@ -27,7 +27,7 @@ def make_docs(n, seed=0):
     words = ["the", "cat", "sat", "Ünïcödé", "naïve", "日本語", "🙂", "<|endoftext|>", "42", "\t", "  ",
              "don't"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 80))) for _ in range(n)]
-    docs[3] = ""  # still a document: a lone <|endoftext|>
+    docs[3] = ""  # not a document: skipped (a blank line in a .txt file), no lone <|endoftext|>
     return docs
 
 
@@ -45,8 +45,9 @@ def write_corpus(path, docs, field="text"):
 
 
 def reference(enc, docs):
-    """What the shards must hold, made independently: <|endoftext|> + encode_ordinary, for each document."""
-    return np.array([t for doc in docs for t in [50256] + enc.encode_ordinary(doc)], dtype=np.uint16)
+    """What the shards must hold, made independently: <|endoftext|> + encode_ordinary, for each non-empty
+    document."""
+    return np.array([t for doc in docs if doc for t in [50256] + enc.encode_ordinary(doc)], dtype=np.uint16)
 
 
 def shards(data_dir):
@@ -75,7 +76,7 @@ def error_of(*args):
 
 def test_tokenize_all_keeps_order(enc, monkeypatch):
     monkeypatch.setattr(fineweb_edu, "CHUNKSIZE", 7)  # many pool tasks, finishing in any order
-    docs = make_docs(700)
+    docs = [doc for doc in make_docs(700) if doc]  # read_texts drops empty documents before this
     got = list(fineweb_edu.tokenize_all(docs, num_proc=2))
     assert all(t.dtype == np.uint16 for t in got)
     assert np.array_equal(np.concatenate(got), reference(enc, docs))
@@ -114,7 +115,8 @@ def test_shards_hold_every_document_in_order(tmp_path, enc, kind, fmt):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_shards"] == n and meta["num_tokens"] == len(want)
     assert meta["shard_size"] == SHARD and meta["format"] == fmt and meta["tokenizer"] == "gpt2"
-    assert meta["source"] == {"files": [str(tmp_path / f"a.{kind}"), str(tmp_path / f"b.{kind}")]}
+    assert meta["source"]["files"] == [str(tmp_path / f"a.{kind}"), str(tmp_path / f"b.{kind}")]
+    assert meta["source"]["sizes"] == [os.path.getsize(tmp_path / f"{n}.{kind}") for n in "ab"]
     assert meta["args"]["num_proc"] == 2
 
 
@@ -207,9 +209,17 @@ def test_stream_gives_up_with_a_clear_error():
 
     with pytest.raises(fineweb_edu.DataError, match="lost the connection 3 times in a row at document 1"):
         list(fineweb_edu.resilient(open_texts, wait=0, retries=3))
-    # failing before the first document is no hiccup (no network, a wrong name): reported at once
+    # failing before the first document of a fresh start is no hiccup (no network, a wrong name):
+    # reported at once, without waiting
+    def never(skip):
+        raise TimeoutError("no route to host")
+        yield
+
     with pytest.raises(fineweb_edu.DataError, match="cannot stream the dataset"):
-        list(fineweb_edu.resilient(open_texts, skip=5, wait=3600))
+        list(fineweb_edu.resilient(never, wait=3600))
+    # a resume that fails while skipping what earlier runs wrote is a hiccup: retried, then given up
+    with pytest.raises(fineweb_edu.DataError, match="lost the connection 2 times in a row at document 5"):
+        list(fineweb_edu.resilient(never, skip=5, wait=0, retries=2))
 
 
 def test_hub_unreachable_is_one_clear_error(tmp_path):
@@ -261,6 +271,20 @@ def test_bad_inputs(tmp_path, finished):
     fresh = tmp_path / "fresh"
     assert "no documents in" in error_of("--input", tmp_path / "empty.txt", "--data_dir", fresh, *FAST)
     assert not os.path.exists(fresh)
+    (tmp_path / "blank.txt").write_text("\n\n\n")  # blank lines are no documents either
+    assert "no documents in" in error_of("--input", tmp_path / "blank.txt", "--data_dir", fresh, *FAST)
+
+
+def test_unreadable_records_are_one_clear_error(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "cut off\n')
+    assert "broken.jsonl: cannot read it" in error_of("--input", broken, "--data_dir", tmp_path / "a", *FAST)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    assert "latin1.txt: cannot read it" in error_of("--input", latin1, "--data_dir", tmp_path / "b", *FAST)
+    numbers = write_corpus(tmp_path / "n.jsonl", [1, 2, 3])
+    assert "record 0's 'text' is a int, not text" in error_of("--input", numbers, "--data_dir", tmp_path / "c",
+                                                              *FAST)
 
 
 @pytest.mark.parametrize("change,conflict", [
