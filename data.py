@@ -196,40 +196,42 @@ def list_shards(data_dir, split):
 class DataLoader:
     """Batches of (x, y) token tensors, x = tokens[i : i+T], y = tokens[i+1 : i+T+1].
 
-    Every micro-step all ranks together read one contiguous window of world_size·B·T tokens, rank r
-    taking the r-th slice, so the tokens that make up a step do not depend on how they are split
-    across ranks and micro-steps: 2 GPUs × 4 micro-steps see what 1 GPU × 8 micro-steps sees.
-    A shard's tail too short for a whole window is skipped. The position is a few integers
-    (state_dict), so a resumed run continues with exactly the next batch.
+    Each optimizer step reads one contiguous span of accum·world_size·B·T tokens; micro-step m of
+    rank r takes the (m·world_size + r)-th B·T slice of it. So what a step trains on does not depend
+    on how it is split: 2 GPUs × 4 micro-steps see what 1 GPU × 8 micro-steps sees, and a run can
+    resume on another number of GPUs or with another micro batch and read on exactly where it was.
+    A shard's tail too short for a whole step is skipped. The position is a few integers
+    (state_dict, taken between steps).
 
     shuffle=True permutes the shard order every epoch and, inside each shard, the order of chunks
     of whole documents (cut at <|endoftext|>), seeded by (seed, epoch, shard): every rank computes
     the same order with no communication.
     """
 
-    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=0):
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, accum=1, shuffle=False, seed=0):
         self.paths = list_shards(data_dir, split)
-        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        self.B, self.T, self.rank, self.world_size, self.accum = B, T, rank, world_size, accum
+        self.step_tokens = accum * world_size * B * T
         self.shuffle, self.seed = shuffle, seed
         self.reset()
 
     def reset(self):
-        self.epoch, self.shard, self.pos = 0, 0, 0
+        self.epoch, self.shard, self.pos, self.micro = 0, 0, 0, 0
         self._load()
 
     def state_dict(self):
+        assert self.micro == 0, "the data position is saved between optimizer steps"
         return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
 
     def load_state_dict(self, state):
-        self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+        self.epoch, self.shard, self.pos, self.micro = state["epoch"], state["shard"], state["pos"], 0
         self._load()
-        if self.pos + self.world_size * self.B * self.T + 1 > len(self.tokens):
-            self._next_shard()  # saved with a smaller window (micro batch, ranks) that still fit here
+        if self.pos + self.step_tokens + 1 > len(self.tokens):
+            self._next_shard()  # saved by a run with smaller steps, which still fitted here
             self._load()
 
     def _load(self):
-        # a shard too short for one window (say, the last one) is skipped
-        window = self.world_size * self.B * self.T + 1
+        # a shard too short for one step (say, the last one) is skipped
         for _ in range(len(self.paths) + 1):
             order = np.arange(len(self.paths))
             if self.shuffle:
@@ -238,11 +240,11 @@ class DataLoader:
             self.tokens = read_shard(self.paths[shard_id])
             if self.shuffle:
                 self.tokens = self._shuffle_documents(self.tokens, shard_id)
-            if len(self.tokens) >= window:
+            if len(self.tokens) >= self.step_tokens + 1:
                 return
             self._next_shard()
-        raise ValueError(f"no shard in {os.path.dirname(self.paths[0])} holds one batch of {window} tokens "
-                         f"(world_size·micro_batch_size·seq_len+1); lower micro_batch_size or seq_len")
+        raise ValueError(f"no shard in {os.path.dirname(self.paths[0])} holds one step of {self.step_tokens + 1} "
+                         f"tokens (total batch + 1); lower total_batch_size, or make bigger shards")
 
     def _next_shard(self):
         self.shard, self.pos = self.shard + 1, 0
@@ -263,11 +265,13 @@ class DataLoader:
         import torch  # here, not at the top: fineweb_edu.py uses this module and needs no torch (a 3 s import)
 
         B, T = self.B, self.T
-        start = self.pos + self.rank * B * T
+        start = self.pos + (self.micro * self.world_size + self.rank) * B * T
         buf = torch.from_numpy(self.tokens[start: start + B * T + 1].astype(np.int64))
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
-        self.pos += self.world_size * B * T
-        if self.pos + self.world_size * B * T + 1 > len(self.tokens):  # the next window would not fit
-            self._next_shard()
-            self._load()
+        self.micro += 1
+        if self.micro == self.accum:  # the step is complete: move to the next span
+            self.micro, self.pos = 0, self.pos + self.step_tokens
+            if self.pos + self.step_tokens + 1 > len(self.tokens):  # the next step would not fit
+                self._next_shard()
+                self._load()
         return x, y

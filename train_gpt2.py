@@ -16,11 +16,13 @@ home) and checkpoints/<run_name>/step_NNNNNN.pt + latest (big: keep it on the no
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -88,10 +90,12 @@ class TrainConfig:
 # embedding and output matmuls tile evenly on GPUs (build-nanogpt measured ~4% faster).
 TRAIN_MODEL_DEFAULTS = {"vocab_pad_multiple": 64}
 
-# Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (fp16 for V100/T4).
+# Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (fp16 for V100/T4), matched
+# as whole words of torch.cuda.get_device_name(), most specific first ("A10" is not "A10G").
 PEAK_FLOPS = {
-    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12,
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
+    "V100": 125e12, "T4": 65e12,
 }
 
 
@@ -121,11 +125,17 @@ def parse_args(argv=None):
                 loaded = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             parser.error(f"cannot read --config {config_file}: {e}")
-        if "train" in loaded or "model" in loaded:  # a run's config.json
+        if "train" in loaded or "model" in loaded:  # a run's config.json: its settings, not its identity
             loaded = {**loaded.get("train", {}), **loaded.get("model", {})}
-        known = {f.name for cls in (TrainConfig, GPTConfig) for f in fields(cls)}
-        if unknown := sorted(set(loaded) - known):
+            for key in ("run_name", "checkpoint_dir", "resume"):
+                loaded.pop(key, None)
+        types = {f.name: f.type for cls in (TrainConfig, GPTConfig) for f in fields(cls)}
+        if unknown := sorted(set(loaded) - set(types)):
             parser.error(f"--config {config_file}: unknown settings {', '.join(unknown)}")
+        for key, value in loaded.items():
+            expected = {bool: bool, bool | None: (bool, type(None)), float: (float, int)}.get(types[key], types[key])
+            if not isinstance(value, expected) or (types[key] is int and isinstance(value, bool)):
+                parser.error(f"--config {config_file}: {key} must be {types[key]}, not {value!r}")
         values.update(loaded)
     values.update(args)
     train_names = {f.name for f in fields(TrainConfig)}
@@ -169,8 +179,8 @@ def setup_distributed(cfg):
             device = "mps"
         else:
             device = "cpu"
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{local_rank}"  # one GPU per process on each node
+    if device == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process on each node (local_rank 0 without torchrun)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if world_size > 1:
@@ -193,8 +203,8 @@ def peak_flops_per_device(cfg, device_type):
         return cfg.peak_flops
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        for key, flops in PEAK_FLOPS.items():  # most specific names first
-            if key in name:
+        for key, flops in PEAK_FLOPS.items():
+            if re.search(rf"\b{key}\b", name):
                 return flops
     return None  # unknown: MFU is not reported
 
@@ -228,7 +238,10 @@ class GpuStats:
             return {}
         stats = {"mem_gb": torch.cuda.max_memory_allocated() / 2**30}
         if self.nvml is not None:
-            stats["gpu_util"] = self.pynvml.nvmlDeviceGetUtilizationRates(self.nvml).gpu
+            try:
+                stats["gpu_util"] = self.pynvml.nvmlDeviceGetUtilizationRates(self.nvml).gpu
+            except Exception:  # not supported on some vGPU / MIG set-ups: stop asking
+                self.nvml = None
         return stats
 
 
@@ -314,7 +327,7 @@ class _HashingWriter:
 
 
 def save_checkpoint(ckpt_dir, state, keep):
-    """Write state as step_NNNNNN.pt + .json, point `latest` at it, then prune to the newest `keep`."""
+    """Write state as step_NNNNNN.pt + .json, point `latest` at it, then prune to the `keep` newest."""
     name = f"step_{state['step']:06d}"
     path = os.path.join(ckpt_dir, name + ".pt")
     with atomic_write(path) as f:
@@ -325,7 +338,7 @@ def save_checkpoint(ckpt_dir, state, keep):
                    "sha256": writer.sha256.hexdigest()}, f)
     with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
         f.write(name + ".pt\n")
-    if keep:  # only now that the new one is safe
+    if keep:  # only now that the new one is safe; it is the first in the list, never pruned
         for old in list_checkpoints(ckpt_dir)[keep:]:
             for p in (old, old[: -len(".pt")] + ".json"):
                 with contextlib.suppress(FileNotFoundError):
@@ -338,11 +351,20 @@ def load_checkpoint(path):
 
 
 def list_checkpoints(ckpt_dir):
-    """step_NNNNNN.pt paths in ckpt_dir, newest first."""
+    """step_*.pt paths in ckpt_dir, newest first: the one `latest` names, then by time written (not by
+    step: a run rewound to an earlier checkpoint writes lower steps after higher ones)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    names = sorted((n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".pt")), reverse=True)
-    return [os.path.join(ckpt_dir, n) for n in names]
+    paths = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".pt")]
+    paths.sort(key=lambda p: (os.path.getmtime(p), p), reverse=True)
+    pointer = os.path.join(ckpt_dir, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            latest = os.path.join(ckpt_dir, f.read().strip())
+        if latest in paths:
+            paths.remove(latest)
+            paths.insert(0, latest)
+    return paths
 
 
 def verify_checkpoint(path):
@@ -351,37 +373,44 @@ def verify_checkpoint(path):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
+        size, sha = meta["bytes"], meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         return "its .json (size and checksum) is missing or unreadable: the save did not finish"
-    size = os.path.getsize(path)
-    if size != meta["bytes"]:
-        return f"it holds {size} bytes, {meta['bytes']} were written: truncated"
+    if os.path.getsize(path) != size:
+        return f"it holds {os.path.getsize(path)} bytes, {size} were written: truncated"
     sha256 = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             sha256.update(chunk)
-    if sha256.hexdigest() != meta["sha256"]:
+    if sha256.hexdigest() != sha:
         return "its sha256 differs from the one recorded when it was written: corrupt"
     return None
 
 
 def find_resume_checkpoint(cfg, ckpt_dir):
     """The checkpoint to resume from, or None to start fresh (decided on rank 0)."""
+    for tmp in glob.glob(os.path.join(ckpt_dir, ".step_*.tmp")):  # half a save, left by a hard kill
+        os.remove(tmp)
+    own = list_checkpoints(ckpt_dir)
     if cfg.resume == "none":
-        if list_checkpoints(ckpt_dir):
+        if own:
             fail(f"{ckpt_dir} already holds checkpoints and --resume none was given; pass another --run_name "
                  f"(or --checkpoint_dir) for a new run, or delete {ckpt_dir}")
         return None
     if cfg.resume == "auto":
-        candidates = list_checkpoints(ckpt_dir)
+        candidates = own
+    elif not os.path.exists(cfg.resume):
+        fail(f"--resume {cfg.resume}: no such file or folder (use auto, none, a checkpoint file or folder)")
+    elif own and os.path.dirname(os.path.abspath(cfg.resume)) != os.path.abspath(ckpt_dir):
+        # --resume PATH seeded this run earlier; re-running the same command continues the run itself
+        print(f"{ckpt_dir} already holds this run's checkpoints: continuing from those, not from {cfg.resume}")
+        candidates = own
     elif os.path.isdir(cfg.resume):
         candidates = list_checkpoints(cfg.resume)
         if not candidates:
             fail(f"--resume {cfg.resume}: no step_*.pt checkpoints in that folder")
-    elif os.path.isfile(cfg.resume):
-        candidates = [cfg.resume]
     else:
-        fail(f"--resume {cfg.resume}: no such file or folder (use auto, none, a checkpoint file or folder)")
+        candidates = [cfg.resume]  # a checkpoint file, possibly one of this run's own: a rewind
     for path in candidates:
         problem = verify_checkpoint(path)
         if problem is None:
@@ -394,8 +423,14 @@ def find_resume_checkpoint(cfg, ckpt_dir):
 
 
 def data_fingerprint(loader):
-    """Shard names and sizes: the data a run trains on, whatever folder it sits in."""
-    return [[os.path.basename(p), os.path.getsize(p)] for p in loader.paths]
+    """The data a run trains on, whatever folder it sits in: each shard's name, size, and a hash of its
+    first MiB (full shards all have the same size)."""
+    fingerprint = []
+    for p in loader.paths:
+        with open(p, "rb") as f:
+            head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+        fingerprint.append([os.path.basename(p), os.path.getsize(p), head])
+    return fingerprint
 
 
 def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
@@ -417,22 +452,27 @@ def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
 
 
 class StopSignal:
-    """SIGTERM (spot preemption; torchrun forwards it) or SIGINT (Ctrl-C): finish the step, save, exit 0.
-    A second signal exits at once."""
+    """SIGTERM (spot preemption), SIGINT (Ctrl-C) or SIGHUP (the terminal went away): finish the step,
+    save, exit 0. A second signal exits at once, unless it comes within a second of the first: at
+    shutdown the system signals every process and torchrun forwards the same signal again."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.requested = None  # time of the first signal
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested is not None:
+            if time.time() - self.requested < 1.0:
+                return  # the same shutdown, delivered twice
             print(f"{signal.Signals(signum).name} again: exiting now without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
-        self.requested = True
+        self.requested = time.time()
         print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and exiting "
               f"(send it again to exit at once)", file=sys.stderr)
 
@@ -539,7 +579,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
 
     try:
         train_loader = DataLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.seq_len, rank, world_size,
-                                  shuffle=cfg.shuffle, seed=cfg.seed)
+                                  accum=accum, shuffle=cfg.shuffle, seed=cfg.seed)
         val_loader = DataLoader(cfg.data_dir, "val", cfg.micro_batch_size, cfg.seq_len, rank, world_size) \
             if cfg.val_every else None
     except (FileNotFoundError, ValueError) as e:
@@ -555,8 +595,13 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
             log(f"run {run_name} already finished at step {ckpt['step']} ({ckpt_path}); "
                 f"raise --max_steps to train longer, or pass a new --run_name")
             return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, **ckpt["evals"]}
+        if ckpt["step"] > cfg.max_steps:
+            fail(f"{ckpt_path} is at step {ckpt['step']}, beyond --max_steps {cfg.max_steps}; raise --max_steps, "
+                 f"or resume from an earlier checkpoint with --resume PATH")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty when saved without fp16 loss scaling
+            scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
         start_step, evals = ckpt["step"], ckpt["evals"]
@@ -608,7 +653,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
             state = {"step": step,  # optimizer steps done: training continues at this step
                      "model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
                      "model_config": asdict(model_cfg), "train_config": asdict(cfg),
-                     "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": rngs,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "loader": train_loader.state_dict(), "rng": rngs,
                      "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size}
             path = save_checkpoint(ckpt_dir, state, cfg.keep_checkpoints)
             log(f"saved {path}")
@@ -676,7 +722,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         # one all-reduce carries the loss and what every rank must agree on: stop now? save now?
         save_due = master and cfg.checkpoint_every_minutes > 0 and \
             time.time() - last_save > 60 * cfg.checkpoint_every_minutes
-        sync = torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device),
+        sync = torch.stack([loss_accum, torch.tensor(float(stop.requested is not None), device=device),
                             torch.tensor(float(save_due), device=device)])
         loss_sum, stop_now, save_now = all_reduce_sum(sync, world_size).tolist()  # waits for the GPU too
         train_loss = loss_sum / world_size

@@ -20,8 +20,10 @@ HOST_ARG=$1
 REMOTE_DIR=${2:-gpt2}
 INTERVAL=${3:-360}
 LOCAL_DIR=${LOCAL_DIR:-logs}
-# BatchMode: never hang on a password prompt; accept-new: a fresh spot node has a new host key
-RSH=${RSYNC_RSH:-"ssh -o BatchMode=yes -o ConnectTimeout=15 -o ServerAliveInterval=15 -o StrictHostKeyChecking=accept-new"}
+# BatchMode: never hang on a password prompt. A replacement spot node often comes back at the same
+# address with a new host key, which would stop ssh for good: host keys are not remembered (this only
+# pulls log files, over your own key). Set RSYNC_RSH to use your own ssh options instead.
+RSH=${RSYNC_RSH:-"ssh -o BatchMode=yes -o ConnectTimeout=15 -o ServerAliveInterval=15 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"}
 mkdir -p "$LOCAL_DIR"
 
 while true; do

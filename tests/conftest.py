@@ -97,3 +97,18 @@ def hellaswag_file(tmp_path_factory):
                      "source_id": f"test~{i}"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, enc):
+    """Two short train shards, so a dozen steps of 256 tokens cross shard ends and an epoch."""
+    from data import EOT, write_shard
+
+    data_dir = tmp_path_factory.mktemp("small_shards")
+    tokens = []
+    for doc in make_corpus(120, seed=3):
+        tokens += [EOT] + enc.encode_ordinary(doc)
+    write_shard(data_dir / "t_val_000000.bin", tokens[:2000])
+    write_shard(data_dir / "t_train_000001.bin", tokens[2000:3600])
+    write_shard(data_dir / "t_train_000002.bin", tokens[3600:5400])
+    return str(data_dir)

@@ -122,20 +122,25 @@ def _shards(tmp_path, sizes, eot_every=7):
     return str(tmp_path)
 
 
-def test_loader_ranks_split_the_same_window(tmp_path):
+@pytest.mark.parametrize("world_size,B,accum", [(1, 2, 2), (2, 1, 2), (2, 2, 1), (4, 1, 1)])
+def test_loader_steps_do_not_depend_on_the_split(tmp_path, world_size, B, accum):
+    """Every way of splitting a 4-sequence step over ranks and micro-steps reads the same sequences."""
     import torch
 
     from data import DataLoader
 
     d = _shards(tmp_path, [500, 300])
-    single = DataLoader(d, "train", B=2, T=8)
-    ranks = [DataLoader(d, "train", B=1, T=8, rank=r, world_size=2) for r in range(2)]
-    for _ in range(120):  # several shard changes and epochs
+    single = DataLoader(d, "train", B=4, T=8)
+    ranks = [DataLoader(d, "train", B=B, T=8, rank=r, world_size=world_size, accum=accum)
+             for r in range(world_size)]
+    for _ in range(60):  # several shard changes and epochs
         x, y = single.next_batch()
-        parts = [loader.next_batch() for loader in ranks]
+        # micro-step by micro-step, rank by rank: the order of the slices in the step's span
+        parts = [loader.next_batch() for _ in range(accum) for loader in ranks]
         assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
         assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
-    assert single.epoch > 0 and single.state_dict() == ranks[0].state_dict() == ranks[1].state_dict()
+        assert all(loader.state_dict() == single.state_dict() for loader in ranks)
+    assert single.epoch > 0
 
 
 def test_loader_reads_every_shard_in_order_and_skips_short_tails(tmp_path):
@@ -164,9 +169,9 @@ def test_loader_state_dict_resumes_exactly(tmp_path):
         assert torch.equal(xa, xb)
 
 
-def test_loader_resumes_with_a_bigger_window(tmp_path):
-    # saved by 1 rank reading 2×8 tokens, 48 tokens before the end of a 1000-token shard; resumed by 2
-    # ranks reading 4×8 each, whose window no longer fits there: both move on to the next shard
+def test_loader_resumes_with_a_bigger_step(tmp_path):
+    # saved by a run with 16-token steps, 48 tokens before the end of a 1000-token shard; resumed by
+    # 2 ranks reading 4×8 each, whose 64-token step no longer fits there: both move on to the next shard
     from data import DataLoader
 
     d = _shards(tmp_path, [1000, 500], eot_every=1000)
@@ -205,5 +210,5 @@ def test_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="python fineweb_edu.py"):
         DataLoader(str(tmp_path), "train", B=1, T=8)
     d = _shards(tmp_path, [10])
-    with pytest.raises(ValueError, match="lower micro_batch_size or seq_len"):
+    with pytest.raises(ValueError, match="lower total_batch_size"):
         DataLoader(d, "train", B=4, T=8)

@@ -5,27 +5,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_corpus, run_script
-from data import EOT, write_shard
+from conftest import ROOT, run_script
 from test_train_gpt2 import events, final_weights, losses_by_step, run_inprocess, tiny_args, torchrun
-
-
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory, enc):
-    """Two short train shards, so a dozen steps cross an epoch (and --shuffle reshuffles)."""
-    data_dir = tmp_path_factory.mktemp("small_shards")
-    tokens = []
-    for doc in make_corpus(120, seed=3):
-        tokens += [EOT] + enc.encode_ordinary(doc)
-    write_shard(data_dir / "t_val_000000.bin", tokens[:2000])
-    write_shard(data_dir / "t_train_000001.bin", tokens[2000:3600])
-    write_shard(data_dir / "t_train_000002.bin", tokens[3600:5400])
-    return str(data_dir)
 
 
 def assert_same_run(ref_dir, run_dir, from_step):
@@ -70,6 +57,44 @@ def test_resume_is_exact_with_two_ranks(small_shards, tmp_path):
     assert_same_weights(tmp_path / "ckpt" / "ref", tmp_path / "ckpt" / "resumed")
 
 
+def test_resume_on_other_world_size_and_micro_batch(small_shards, tmp_path):
+    """The data position is per step, not per micro-step: a 1-GPU checkpoint resumes on 2 ranks, or with
+    a smaller micro batch, reading exactly the tokens the original run read (across shard ends)."""
+    common = ["--max_steps", "14", "--val_every", "7", "--keep_checkpoints", "0"]
+    run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common, "--checkpoint_every", "5"))
+    start = str(tmp_path / "ckpt" / "ref" / "step_000005.pt")
+    torchrun(2, *tiny_args(tmp_path, small_shards, "two", *common, "--resume", start))
+    run_inprocess(tiny_args(tmp_path, small_shards, "micro", *common, "--resume", start, "--micro_batch_size", "2"))
+    ref = losses_by_step(tmp_path / "logs" / "ref")
+    for name in ("two", "micro"):
+        got = losses_by_step(tmp_path / "logs" / name)
+        assert sorted(got) == list(range(5, 14))
+        for step in got:  # not bitwise: the sums happen in another order
+            assert got[step] == pytest.approx(ref[step], rel=1e-5), (name, step)
+
+
+def test_rewind_and_reseeded_runs(small_shards, tmp_path):
+    common = ["--val_every", "0", "--keep_checkpoints", "0", "--checkpoint_every", "2"]
+    run_inprocess(tiny_args(tmp_path, small_shards, "a", *common, "--max_steps", "6"))
+    ckpt_a = tmp_path / "ckpt" / "a"
+    with pytest.raises(SystemExit, match="is at step 4, beyond --max_steps 3"):
+        run_inprocess(tiny_args(tmp_path, small_shards, "a", *common, "--max_steps", "3",
+                                "--resume", str(ckpt_a / "step_000004.pt")))
+    # rewind run a to step 2 (say, after a loss spike) and train on to 5: later saves win over step 4 and 6
+    run_inprocess(tiny_args(tmp_path, small_shards, "a", *common, "--max_steps", "5",
+                            "--resume", str(ckpt_a / "step_000002.pt")))
+    assert (ckpt_a / "latest").read_text().strip() == "step_000005.pt"
+    assert events(tmp_path / "logs" / "a", "resume")[-1]["step"] == 2
+
+    # run b starts from a's checkpoint; the same command again continues b, not a's step 2 again
+    seeded = tiny_args(tmp_path, small_shards, "b", *common, "--max_steps", "8", "--resume",
+                       str(ckpt_a / "step_000002.pt"))
+    run_inprocess(seeded)
+    run_inprocess([*seeded[:-2], "--max_steps", "10", *seeded[-2:]])
+    resumes = [e["step"] for e in events(tmp_path / "logs" / "b", "resume")]
+    assert resumes == [2, 8]
+
+
 def test_sigterm_saves_and_the_same_command_resumes(small_shards, tmp_path):
     common = ["--max_steps", "16", "--val_every", "5"]
     run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common))
@@ -97,21 +122,37 @@ def test_sigterm_saves_and_the_same_command_resumes(small_shards, tmp_path):
 
 
 def test_second_signal_exits_at_once(small_shards, tmp_path):
-    # a wider model, so a step lasts long enough for the second Ctrl-C to land inside it
+    # 8 micro-steps of a wider model: a step lasts well over the second the second Ctrl-C waits
     argv = [sys.executable, "train_gpt2.py", *tiny_args(tmp_path, small_shards, "r", "--max_steps", "500",
-                                                        "--n_embd", "512", "--n_layer", "4")]
+                                                        "--n_embd", "256", "--total_batch_size", "1024")]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         if line.startswith("step     1 | loss"):
-            proc.send_signal(signal.SIGINT)  # Ctrl-C ...
-        if line.startswith("SIGINT: finishing this step"):
-            proc.send_signal(signal.SIGINT)  # ... and again: no waiting for the checkpoint
+            proc.send_signal(signal.SIGTERM)  # the shutdown signals every process and torchrun
+            proc.send_signal(signal.SIGTERM)  # forwards it again: one request, not two
+        if line.startswith("SIGTERM: finishing this step"):
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGINT)  # a Ctrl-C later on: no waiting for the checkpoint
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 128 + signal.SIGINT, rest
     assert "SIGINT again: exiting now without a checkpoint" in rest
-    assert not os.path.exists(tmp_path / "ckpt" / "r")
+    assert not os.path.exists(tmp_path / "ckpt" / "r" / "latest")  # gone before any checkpoint was complete
+
+
+def test_duplicate_signal_still_saves(small_shards, tmp_path):
+    argv = [sys.executable, "train_gpt2.py", *tiny_args(tmp_path, small_shards, "r", "--max_steps", "500")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step     1 | loss"):
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGTERM):  # ssh gone, then the shutdown, twice
+                proc.send_signal(sig)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, rest
+    assert "stopped at step" in rest and os.path.exists(tmp_path / "ckpt" / "r" / "latest")
 
 
 def test_checkpoint_every_minutes(small_shards, tmp_path):

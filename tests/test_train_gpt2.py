@@ -59,10 +59,14 @@ def test_flags_config_file_and_bools(tmp_path):
     default, _ = parse_args([])
     assert default == TrainConfig() and default.compile is None  # None: on for CUDA only
     # a run's config.json is accepted as --config
+    # ... without its identity: a new run, not the old one's checkpoints
     nested = tmp_path / "run.json"
-    nested.write_text(json.dumps({"train": {"seq_len": 64}, "model": {"n_embd": 48}, "run": {"ignored": 1}}))
+    nested.write_text(json.dumps({"train": {"seq_len": 64, "run_name": "old", "checkpoint_dir": "/vol/old",
+                                            "resume": "/vol/old/step_000100.pt"},
+                                  "model": {"n_embd": 48}, "run": {"ignored": 1}}))
     cfg, model_cfg = parse_args(["--config", str(nested)])
     assert cfg.seq_len == 64 and model_cfg.n_embd == 48
+    assert (cfg.run_name, cfg.checkpoint_dir, cfg.resume) == ("", "", "auto")
 
 
 def test_config_errors(tmp_path, capsys):
@@ -74,6 +78,29 @@ def test_config_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--micro_batch_size", "x"])
     assert "invalid int value: 'x'" in capsys.readouterr().err
+    bad.write_text(json.dumps({"compile": "false"}))  # a string, which Python would read as True
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(bad)])
+    assert "compile must be" in capsys.readouterr().err
+
+
+def test_cuda_device_gets_an_index(monkeypatch):
+    # torch.cuda.set_device("cuda") raises: a single-GPU run must name cuda:0 (checked without a GPU)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    rank, local_rank, world_size, device = train_gpt2.setup_distributed(TrainConfig())
+    assert (rank, world_size, device, calls) == (0, 1, "cuda:0", ["cuda:0"])
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert train_gpt2.setup_distributed(TrainConfig(device="cuda"))[3] == "cuda:3"
+
+
+def test_peak_flops_lookup(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A10G")
+    assert train_gpt2.peak_flops_per_device(TrainConfig(), "cuda") is None  # not the A10's figure
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert train_gpt2.peak_flops_per_device(TrainConfig(), "cuda") == 989e12
+    assert train_gpt2.peak_flops_per_device(TrainConfig(peak_flops=1e12), "cpu") == 1e12
 
 
 def test_defaults_reproduce_build_nanogpt():
@@ -171,10 +198,11 @@ def torchrun(nproc, *args, timeout=600):
     return out
 
 
-def test_ddp_matches_single_process(shard_dir, tmp_path):
-    """2 ranks × 1 micro-step sees the same tokens as 1 rank × 2 micro-steps: the same logged losses."""
-    torchrun(2, *tiny_args(tmp_path, shard_dir, "ddp", "--max_steps", "10", "--val_every", "5"))
-    run_inprocess(tiny_args(tmp_path, shard_dir, "single", "--max_steps", "10", "--val_every", "5"))
+def test_ddp_matches_single_process(small_shards, tmp_path):
+    """2 ranks × 1 micro-step sees the same tokens as 1 rank × 2 micro-steps: the same logged losses,
+    across shard ends and an epoch (6 steps fit in a shard)."""
+    torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", "--max_steps", "14", "--val_every", "5"))
+    run_inprocess(tiny_args(tmp_path, small_shards, "single", "--max_steps", "14", "--val_every", "5"))
     ddp, single = tmp_path / "logs" / "ddp", tmp_path / "logs" / "single"
     assert json.loads((ddp / "config.json").read_text())["run"]["world_size"] == 2
     for kind, key in (("train", "loss"), ("val", "val_loss")):
