@@ -1,0 +1,19 @@
+"""The benchmarks run end to end on a tiny config and print every figure they promise."""
+
+import re
+
+from conftest import run_script
+
+
+def test_bench_train_prints_every_figure():
+    out = run_script("bench/bench_train.py", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size",
+                     "32", "--seq_len", "32", "--micro_batch_size", "2", "--device", "cpu", "--steps", "2",
+                     "--warmup", "1", "--peak_flops", "1e12").stdout
+    loop = re.search(r"train_gpt2 loop\s+([\d.]+) ms/step \|\s+([\d,]+) tokens/s \| MFU ([\d.]+)%", out)
+    bare = re.search(r"bare step\s+([\d.]+) ms/step \|\s+([\d,]+) tokens/s", out)
+    assert loop and bare, out
+    ratio = float(re.search(r"loop / bare\s+([\d.]+)", out).group(1))
+    assert abs(ratio - float(loop.group(1)) / float(bare.group(1))) < 0.01
+    assert re.search(r"peak memory\s+[\d.]+ GiB", out)
+    assert re.search(r"fwd\+bwd model.py\s+[\d,]+ tokens/s \| HF GPT2LMHeadModel\s+[\d,]+ tokens/s \| ratio [\d.]+", out)
+    assert "64 tokens = 2 × 32 × 1 micro-steps" in out
