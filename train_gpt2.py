@@ -107,7 +107,8 @@ def fail(msg):
 # ---------------------------------------------------------------------------
 # configuration: flags generated from the dataclasses
 
-def parse_args(argv=None):
+def parse_settings(argv=None):
+    """The settings argv sets explicitly, as {name: value}: a --config file's, then the flags'."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file of settings (flat, or a run's config.json); flags override it")
     for cls in (TrainConfig, GPTConfig):
@@ -138,6 +139,12 @@ def parse_args(argv=None):
                 parser.error(f"--config {config_file}: {key} must be {types[key]}, not {value!r}")
         values.update(loaded)
     values.update(args)
+    return values
+
+
+def parse_args(argv=None):
+    """(TrainConfig, GPTConfig) from command-line flags and an optional --config file."""
+    values = parse_settings(argv)
     train_names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
     model_cfg = GPTConfig(**{**TRAIN_MODEL_DEFAULTS, **{k: v for k, v in values.items() if k not in train_names}})

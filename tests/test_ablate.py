@@ -1,0 +1,79 @@
+"""ablate.py end to end on a tiny model: table, plots, raw curves, determinism, refusals."""
+
+import json
+import os
+
+import pytest
+
+import ablate
+from conftest import run_script
+
+TINY = ("--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --micro_batch_size 4 "
+        "--total_batch_size 128 --warmup_steps 2 --max_lr 3e-3 --val_every 3 --val_steps 1 "
+        "--hellaswag_every 0 --sample_every 0 --checkpoint_every_minutes 0")
+
+
+def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path):
+    out = tmp_path / "res"
+    args = ["ablate.py", "--base", TINY, "--data_dir", small_shards, "--tokens", "1152", "--out", str(out),
+            "--variant", "same=--max_lr 3e-3", "--variant", "hot=--max_lr 3e-2 --warmup_steps 1",
+            "--variant", "default_lr=--max_lr 6e-4",  # the default value, but not the base's: a change
+            "--seeds", "1", "2", "--hellaswag_file", hellaswag_file]
+    first = run_script(*args).stdout
+    assert sorted(os.listdir(out)) == ["checkpoints", "loss_vs_time.png", "loss_vs_tokens.png", "results.json",
+                                       "results.md", "runs"]
+    for png in ("loss_vs_time.png", "loss_vs_tokens.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["tokens"] == 1152 and list(res["variants"]) == ["baseline", "same", "hot", "default_lr"]
+    curves = {n: [[p[3] for p in r["val"]] for r in runs] for n, runs in res["variants"].items()}
+    assert all(len(c) == 4 for runs in curves.values() for c in runs)  # val at steps 0, 3, 6, 9
+    assert curves["same"] == curves["baseline"]  # identical settings: identical curves, seed for seed
+    assert curves["hot"] != curves["baseline"]  # the runner really passes the settings through
+    assert curves["baseline"][0] != curves["baseline"][1]  # and the seed
+    for runs in res["variants"].values():
+        assert runs[0]["config"]["train"]["max_steps"] == 9 and runs[0]["config"]["run"]["git_commit"]
+        assert runs[0]["hellaswag"] is not None
+    assert res["variants"]["hot"][0]["config"]["train"]["max_lr"] == 3e-2
+    assert res["variants"]["default_lr"][0]["config"]["train"]["max_lr"] == 6e-4
+
+    table = (out / "results.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "same", "hot", "default_lr"]
+    base = rows[0].split("|")
+    assert "(1.00×)" in base[5] and "±" in base[4] and base[3].strip() == "1,152"
+    assert rows[0].split("|")[4] == rows[1].split("|")[4]  # same final val loss, mean ± std
+    assert "results.md" in first
+
+    # rerunning the same command trains nothing again and writes the same table
+    again = run_script(*args).stdout
+    assert again.count("finished earlier, with these settings") == 8
+    assert (out / "results.md").read_text().splitlines()[2:] == table[2:]
+
+
+def test_tokens_to_reach():
+    curve = [[0, 0, 0.0, 10.0], [1, 100, 1.0, 8.0], [2, 200, 2.0, 6.0]]
+    assert ablate.tokens_to_reach(curve, 7.0) == pytest.approx(150)
+    assert ablate.tokens_to_reach(curve, 8.0) == 100
+    assert ablate.tokens_to_reach(curve, 5.0) is None
+
+
+@pytest.mark.parametrize("variant,message", [
+    ("x=--seq_len 16", "changes seq_len"),
+    ("x=--data_dir /elsewhere", "changes data_dir"),
+    ("x=--max_steps 3", "changes max_steps"),
+    ("x=--val_every 5", "changes val_every"),
+    ("x=--run_name mine", "changes run_name"),
+    ("baseline=--max_lr 1", "a new NAME each"),
+    ("nonsense", "NAME=CONFIG_FILE"),
+])
+def test_variants_that_change_the_comparison_are_refused(small_shards, tmp_path, variant, message):
+    with pytest.raises(SystemExit, match=message):
+        ablate.main(["--base", TINY, "--data_dir", small_shards, "--tokens", "1152", "--variant", variant,
+                     "--out", str(tmp_path)])
+
+
+def test_budget_must_be_whole_steps(small_shards, tmp_path):
+    with pytest.raises(SystemExit, match="not a whole number of steps"):
+        ablate.main(["--base", TINY, "--data_dir", small_shards, "--tokens", "1000", "--out", str(tmp_path)])
