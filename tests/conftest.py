@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 
 import pytest
@@ -43,8 +44,6 @@ WORDS = ("the a cat dog sat ran on under mat tree and then it was happy sad beca
 
 def make_corpus(n_docs, seed=0):
     """Documents of English-like word salad with some regularity a tiny model can learn."""
-    import random
-
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
@@ -80,22 +79,36 @@ def shard_dir(tmp_path_factory):
     return str(data_dir)
 
 
+HELLASWAG_WORDS = ("the a man woman child dog cat ball water kitchen knife onion bread slowly carefully quickly then "
+         "he she they is are runs picks up puts down into onto over under table garden bike ladder paint "
+         "brush wall window door opens closes smiles jumps laughs cuts washes throws catches rides").split()
+
+
+def make_hellaswag_examples(n, seed=0):
+    """n examples in rowanz/hellaswag's shape: contexts of 4-60 words, endings of 1-20."""
+    rng = random.Random(seed)
+
+    def words(lo, hi):
+        return " ".join(rng.choice(HELLASWAG_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    examples = []
+    for i in range(n):
+        ctx_a, ctx_b = words(3, 50).capitalize() + ".", words(1, 10)
+        examples.append({
+            "ind": i, "activity_label": "Synthetic", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
+            "split": "val", "split_type": "indomain", "label": rng.randrange(4),
+            "endings": [words(1, 20) + "." for _ in range(4)], "source_id": f"synthetic~{i}",
+        })
+    return examples
+
+
 @pytest.fixture(scope="session")
 def hellaswag_file(tmp_path_factory):
     """A small local file in rowanz/hellaswag's jsonl shape."""
     import json
-    import random
 
-    rng = random.Random(1)
     path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
-    rows = []
-    for i in range(12):
-        ctx = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))).capitalize()
-        endings = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) + "." for _ in range(4)]
-        rows.append({"ind": i, "activity_label": "Test", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
-                     "endings": endings, "label": rng.randrange(4), "split": "val", "split_type": "indomain",
-                     "source_id": f"test~{i}"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_hellaswag_examples(12, seed=1)))
     return str(path)
 
 

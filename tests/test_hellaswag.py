@@ -15,32 +15,10 @@ import torch
 from torch import nn
 
 import hellaswag
+from conftest import make_hellaswag_examples as make_examples
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-WORDS = ("the a man woman child dog cat ball water kitchen knife onion bread slowly carefully quickly then "
-         "he she they is are runs picks up puts down into onto over under table garden bike ladder paint "
-         "brush wall window door opens closes smiles jumps laughs cuts washes throws catches rides").split()
-
-
-def make_examples(n, seed=0):
-    """n examples in rowanz/hellaswag's shape: contexts of 4-60 words, endings of 1-20."""
-    rng = random.Random(seed)
-
-    def words(lo, hi):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-    examples = []
-    for i in range(n):
-        ctx_a, ctx_b = words(3, 50).capitalize() + ".", words(1, 10)
-        examples.append({
-            "ind": i, "activity_label": "Synthetic", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
-            "split": "val", "split_type": "indomain", "label": rng.randrange(4),
-            "endings": [words(1, 20) + "." for _ in range(4)], "source_id": f"synthetic~{i}",
-        })
-    return examples
-
 
 def write_jsonl(path, examples):
     with open(path, "w") as f:
