@@ -1,10 +1,11 @@
 """
-GPT-2 in one file, read top to bottom: attention, MLP, block, config, model.
+GPT-2 in one file, read top to bottom: config, the layers, the model.
 
-Parameter names follow OpenAI's checkpoint (as Hugging Face stores it) so that
-importing and exporting weights is a rename-free copy; only HF's Conv1D weights
-are stored transposed relative to nn.Linear.
-References: OpenAI's gpt-2 src/model.py, HF transformers modeling_gpt2.py, nanoGPT.
+With every switch at its default this is exactly GPT-2. Parameter names follow OpenAI's checkpoint (as
+Hugging Face stores it) so that importing and exporting weights is a rename-free copy; only HF's Conv1D
+weights are stored transposed relative to nn.Linear. The switches bring in what gpt-oss changed on top
+of GPT-2, one at a time (formulas from its reference implementation, gpt_oss/torch/model.py).
+References: OpenAI's gpt-2 src/model.py, HF transformers modeling_gpt2.py, nanoGPT, gpt-oss.
 """
 
 import math
@@ -18,52 +19,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation ("gelu_new" in HF)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.c_proj.RESIDUAL_PROJ = True
-
-    def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
-
-    def forward(self, x):
-        # pre-norm residual stream (GPT-2 moved the LayerNorms to the block inputs)
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
-
-
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # maximum context length
@@ -74,10 +29,139 @@ class GPTConfig:
     # Round the embedding/output matrices up to a multiple of this (64 -> 50304) for faster
     # GPU matmuls. The extra rows are never predicted: logits are cut back to vocab_size.
     vocab_pad_multiple: int = 1
+    # gpt-oss switches; the defaults are GPT-2
+    norm: str = "layernorm"  # layernorm | rmsnorm (fp32, eps 1e-5)
+    pos: str = "learned"  # learned (wpe) | rope (rotary, half-split, no wpe)
+    rope_theta: float = 150000.0  # gpt-oss's RoPE base
+    mlp: str = "gelu"  # gelu | swiglu (gpt-oss's clamped form)
+    mlp_hidden: int = 0  # 0: 4·n_embd for gelu, 8/3·n_embd for swiglu (the same parameter count)
+    n_kv_head: int = 0  # 0: one key/value head per query head; fewer: grouped-query attention
+    qkv_bias: bool = True
+    tie_embeddings: bool = True  # GPT-2 shares wte with the output layer; gpt-oss does not
+
+    def __post_init__(self):
+        choices = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.n_embd % self.n_head or self.n_head % self.kv_heads:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}), and "
+                             f"n_head of n_kv_head ({self.kv_heads})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope rotates pairs of dimensions: the head size n_embd/n_head must be even")
 
     @property
     def padded_vocab_size(self):
         return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def is_gpt2(self):
+        """Whether every switch is GPT-2's: only then do the weights fit Hugging Face's GPT2LMHeadModel."""
+        return (self.norm, self.pos, self.mlp, self.mlp_hidden, self.kv_heads, self.qkv_bias,
+                self.tie_embeddings) == ("layernorm", "learned", "gelu", 0, self.n_head, True, True)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · scale, computed in fp32 (gpt-oss): no mean subtraction and no bias, unlike LayerNorm."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (t * self.weight.float()).to(x.dtype)
+
+
+def make_norm(config):
+    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd)
+
+
+def rope_cache(head_dim, max_len, theta):
+    """cos and sin of the rotary angles, (max_len, head_dim/2): position t turns pair i by t·θ^(-2i/head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, heads, T, head_dim) by position, half-split as in gpt-oss: dimension i pairs with
+    i + head_dim/2. Dot products of rotated q and k then depend only on the distance between positions."""
+    T = x.size(-2)
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_dim = config.n_embd // config.n_head
+        # q for every head, k and v for every key/value head, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim,
+                                bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
+        if config.pos == "rope":  # buffers, not parameters: recomputed, never saved
+            cos, sin = rope_cache(self.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = None
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        # (B, T, heads·head_dim) -> (B, heads, T, head_dim)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if self.rope_cos is not None:
+            q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+        # flash attention on GPU; with fewer kv heads each one serves n_head/n_kv_head query heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_hidden or (8 * config.n_embd // 3 if self.swiglu else 4 * config.n_embd)
+        # swiglu: gate and up projections from one matmul, interleaved (gate = even columns, up = odd)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation ("gelu_new" in HF)
+        self.c_proj = nn.Linear(hidden, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:  # gpt-oss: clamp both branches to ±7, swish(g) with α = 1.702, and (up + 1)
+            gate, up = h[..., ::2].clamp(max=7.0), h[..., 1::2].clamp(-7.0, 7.0)
+            return self.c_proj(gate * torch.sigmoid(1.702 * gate) * (up + 1))
+        return self.c_proj(self.gelu(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # pre-norm residual stream (GPT-2 moved the LayerNorms to the block inputs)
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
 
 
 # Hugging Face stores these as Conv1D, i.e. (in_features, out_features): transpose on import/export.
@@ -91,12 +175,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
+            ln_f=make_norm(config),
         ))
+        if config.pos == "learned":  # with rope, positions enter through the rotation of q and k
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2, Press & Wolf 2017)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2, Press & Wolf 2017)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -122,8 +208,9 @@ class GPT(nn.Module):
         """The final hidden states (B, T, n_embd): everything but the output layer."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
@@ -137,11 +224,14 @@ class GPT(nn.Module):
     # ---- parameters, FLOPs, optimizer ----
 
     def num_params(self, non_embedding=True):
-        """Parameter count. Tied wte/lm_head counts once; non_embedding drops the position
-        embedding (a lookup, no FLOPs) but keeps wte, which does real work as the output layer."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameter count. non_embedding drops the lookups, which cost no FLOPs: the position
+        embedding, and wte unless it is tied to the output layer (then it does real work there)."""
+        n = sum(p.numel() for p in self.parameters())  # a tied wte/lm_head counts once
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if self.config.pos == "learned":
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len=None):
@@ -197,6 +287,8 @@ class GPT(nn.Module):
         GPTConfig fields, e.g. vocab_pad_multiple=64."""
         from transformers import GPT2LMHeadModel
 
+        if not GPTConfig(**overrides).is_gpt2:
+            raise ValueError("from_pretrained loads GPT-2: leave the gpt-oss switches at their defaults")
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -230,6 +322,8 @@ class GPT(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         cfg = self.config
+        if not cfg.is_gpt2:
+            raise ValueError("only a GPT-2 (every gpt-oss switch at its default) fits transformers' GPT2LMHeadModel")
         hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                                n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
                                tie_word_embeddings=True)

@@ -147,7 +147,10 @@ def parse_args(argv=None):
     values = parse_settings(argv)
     train_names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
-    model_cfg = GPTConfig(**{**TRAIN_MODEL_DEFAULTS, **{k: v for k, v in values.items() if k not in train_names}})
+    try:
+        model_cfg = GPTConfig(**{**TRAIN_MODEL_DEFAULTS, **{k: v for k, v in values.items() if k not in train_names}})
+    except ValueError as e:
+        fail(str(e))
     return cfg, model_cfg
 
 
