@@ -37,10 +37,19 @@ class GPTConfig:
     mlp_hidden: int = 0  # 0: 4·n_embd for gelu, 8/3·n_embd for swiglu (the same parameter count)
     n_kv_head: int = 0  # 0: one key/value head per query head; fewer: grouped-query attention
     qkv_bias: bool = True
+    window: int = 0  # sliding-window attention: a query sees only the last `window` tokens (0: all)
+    window_every: int = 2  # layer i is windowed when i % window_every == 0 (gpt-oss: even layers)
+    sinks: bool = False  # a learned extra softmax logit per head that can absorb attention
+    attn_impl: str = "sdpa"  # sdpa (every device) | flex (FlexAttention: CUDA, skips masked blocks) | reference
+    moe_experts: int = 0  # 0: a dense MLP; more: a mixture of SwiGLU experts
+    moe_topk: int = 4  # experts per token (gpt-oss: 4 of 32)
+    moe_aux_loss: float = 0.0  # weight of the Switch-Transformer load-balance loss (gpt-oss: none)
+    rope_scaling: float = 1.0  # YaRN: > 1 runs a rope model at rope_scaling × the context it was trained on
     tie_embeddings: bool = True  # GPT-2 shares wte with the output layer; gpt-oss does not
 
     def __post_init__(self):
-        choices = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu")}
+        choices = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu"),
+                   "attn_impl": ("sdpa", "flex", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -49,6 +58,15 @@ class GPTConfig:
                              f"n_head of n_kv_head ({self.kv_heads})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rope rotates pairs of dimensions: the head size n_embd/n_head must be even")
+        if self.rope_scaling != 1.0 and (self.pos != "rope" or self.rope_scaling < 1):
+            raise ValueError("rope_scaling (YaRN) stretches rotary positions: it needs --pos rope and a value >= 1")
+        if self.window < 0 or self.window_every < 1:
+            raise ValueError("window must be >= 0 (0: full attention) and window_every >= 1")
+        if self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts:
+            raise ValueError(f"moe_topk must be between 1 and moe_experts ({self.moe_experts}), not {self.moe_topk}")
+        if self.moe_experts and self.expert_hidden % 8:
+            raise ValueError(f"expert hidden size {self.expert_hidden} must be a multiple of 8 (grouped matmul "
+                             f"alignment): set --mlp_hidden")
 
     @property
     def padded_vocab_size(self):
@@ -59,10 +77,17 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def expert_hidden(self):
+        """Each expert's SwiGLU width: by default the dense SwiGLU's split over the top-k experts (rounded
+        to 8), so a token's active MLP parameters, and FLOPs, stay those of the dense model."""
+        return self.mlp_hidden or 8 * round(8 * self.n_embd / 3 / self.moe_topk / 8)
+
+    @property
     def is_gpt2(self):
         """Whether every switch is GPT-2's: only then do the weights fit Hugging Face's GPT2LMHeadModel."""
-        return (self.norm, self.pos, self.mlp, self.mlp_hidden, self.kv_heads, self.qkv_bias,
-                self.tie_embeddings) == ("layernorm", "learned", "gelu", 0, self.n_head, True, True)
+        return (self.norm, self.pos, self.mlp, self.mlp_hidden, self.kv_heads, self.qkv_bias, self.window,
+                self.sinks, self.moe_experts, self.tie_embeddings) == \
+            ("layernorm", "learned", "gelu", 0, self.n_head, True, 0, False, 0, True)
 
 
 class RMSNorm(nn.Module):
@@ -83,11 +108,26 @@ def make_norm(config):
     return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd)
 
 
-def rope_cache(head_dim, max_len, theta):
-    """cos and sin of the rotary angles, (max_len, head_dim/2): position t turns pair i by t·θ^(-2i/head_dim)."""
+def rope_cache(head_dim, max_len, theta, scaling=1.0):
+    """cos and sin of the rotary angles, (max_len, head_dim/2): position t turns pair i by t·θ^(-2i/head_dim).
+
+    scaling > 1 is YaRN (Peng et al. 2023, as gpt-oss uses it) for a model trained on max_len/scaling
+    tokens: pairs that turn many times within that context (high frequency) keep their speed, pairs that
+    turn less than once (low frequency) are slowed by `scaling` so the longer context maps onto angles
+    they saw in training, with a linear ramp between (β = 32 and α = 1 turns); q and k are both scaled
+    by 0.1·ln(scaling) + 1 to keep attention as sharp as it was."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    concentration = 1.0
+    if scaling > 1.0:
+        trained_len, alpha, beta = max_len / scaling, 1.0, 32.0
+        # the pair index at which the trained context holds `turns` full rotations
+        pair_at = lambda turns: head_dim / 2 * math.log(trained_len / (turns * 2 * math.pi)) / math.log(theta)
+        low, high = pair_at(beta), pair_at(alpha)
+        keep = 1 - ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        inv_freq = inv_freq * keep + inv_freq / scaling * (1 - keep)
+        concentration = 0.1 * math.log(scaling) + 1.0
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return angles.cos() * concentration, angles.sin() * concentration
 
 
 def apply_rope(x, cos, sin):
@@ -99,18 +139,77 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def visible(T, window, device=None):
+    """(T, T) bool: query i sees key j iff i - window < j <= i (window 0: every j <= i)."""
+    i = torch.arange(T, device=device)
+    dist = i[:, None] - i[None, :]
+    return (dist >= 0) & (dist < window) if window else dist >= 0
+
+
+def reference_attention(q, k, v, window=0, sinks=None):
+    """Attention written out with plain matmuls: the definition the fast paths are tested against.
+    q (B, H, T, d); k, v (B, H_kv, T, d); sinks (H,) or None: one extra logit per head in the
+    softmax, not scaled by 1/√d, whose probability is then dropped (it attends to nothing)."""
+    B, H, T, d = q.shape
+    k, v = (t.repeat_interleave(H // t.size(1), dim=1) for t in (k, v))  # each kv head serves H/H_kv q heads
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(d)
+    scores = scores.masked_fill(~visible(T, window, q.device), -math.inf)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+    probs = scores.softmax(dim=-1)[..., :T]
+    return probs.to(v.dtype) @ v
+
+
+def sdpa_attention(q, k, v, window=0, sinks=None):
+    """The same attention through F.scaled_dot_product_attention. Plain causal attention is flash
+    attention; a window becomes a boolean mask; a sink becomes one more key whose value is zero and
+    whose logit S_h the (float) mask supplies, so the softmax runs over T + 1 columns."""
+    gqa = k.size(1) != q.size(1)
+    if not window and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = visible(q.size(2), window, q.device)
+    if sinks is not None:
+        H, T = q.size(1), q.size(2)
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
+        mask = torch.cat([mask.expand(H, T, T), sinks.to(q.dtype).view(H, 1, 1).expand(H, T, 1)], dim=-1)
+        k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))  # the sink's key and value: zeros
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def flex_attention(q, k, v, window=0, sinks=None):
+    """FlexAttention (torch.compile'd on CUDA): a block mask skips the tiles a window hides, which an
+    SDPA mask cannot. The sink rescales the output by its softmax share: out · sigmoid(lse - S_h).
+    PyTorch has no FlexAttention backward on CPU, so train with it on GPUs only."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    T = q.size(2)
+    causal = lambda b, h, i, j: j <= i
+    banded = lambda b, h, i, j: (j <= i) & (i - j < window)
+    block_mask = create_block_mask(banded if window else causal, None, None, T, T, device=q.device)
+    y, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1), return_aux=AuxRequest(lse=True))
+    if sinks is not None:
+        y = y * torch.sigmoid(aux.lse - sinks.view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
+    return y
+
+
+ATTENTION = {"sdpa": sdpa_attention, "flex": flex_attention, "reference": reference_attention}
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, window=0):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_dim = config.n_embd // config.n_head
+        self.window, self.attend = window, ATTENTION[config.attn_impl]
         # q for every head, k and v for every key/value head, in one matmul
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim,
                                 bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
+        self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.sinks else None
         if config.pos == "rope":  # buffers, not parameters: recomputed, never saved
-            cos, sin = rope_cache(self.head_dim, config.block_size, config.rope_theta)
+            cos, sin = rope_cache(self.head_dim, config.block_size, config.rope_theta, config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -124,10 +223,17 @@ class CausalSelfAttention(nn.Module):
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
         if self.rope_cos is not None:
             q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
-        # flash attention on GPU; with fewer kv heads each one serves n_head/n_kv_head query heads
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        # a window of T or more hides nothing: use the plain causal (flash) path
+        y = self.attend(q, k, v, self.window if self.window < T else 0, self.sinks)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+
+def clamped_swiglu(h):
+    """gpt-oss's SwiGLU on interleaved gate/up columns: clamp both to ±7 (gate from above only),
+    swish(gate) with α = 1.702, times (up + 1)."""
+    gate, up = h[..., ::2].clamp(max=7.0), h[..., 1::2].clamp(-7.0, 7.0)
+    return gate * torch.sigmoid(1.702 * gate) * (up + 1)
 
 
 class MLP(nn.Module):
@@ -143,19 +249,63 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:  # gpt-oss: clamp both branches to ±7, swish(g) with α = 1.702, and (up + 1)
-            gate, up = h[..., ::2].clamp(max=7.0), h[..., 1::2].clamp(-7.0, 7.0)
-            return self.c_proj(gate * torch.sigmoid(1.702 * gate) * (up + 1))
-        return self.c_proj(self.gelu(h))
+        return self.c_proj(clamped_swiglu(h) if self.swiglu else self.gelu(h))
+
+
+class MoE(nn.Module):
+    """Mixture of experts (gpt-oss): a router with bias scores every expert, each token goes to its top-k,
+    and their SwiGLU outputs are summed with weights softmax(the k chosen logits).
+
+    The token→expert pairs are sorted by expert so each expert's tokens form one slice, and one grouped
+    matmul runs every expert on its slice: every shape is fixed, so torch.compile sees no data-dependent
+    sizes and no token is dropped. After each forward, `load` holds the fraction of the pairs each
+    expert received and `aux_loss` Switch Transformer's balance loss E·Σ_e load_e·mean_prob_e (1 when
+    balanced), which GPT.forward adds with weight moe_aux_loss."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, hidden = config.moe_experts, config.n_embd, config.expert_hidden
+        self.topk = config.moe_topk
+        self.router = nn.Linear(C, E)
+        # expert weights stacked as (experts, in, out): one slice per expert for the grouped matmul
+        self.w_fc = nn.Parameter(torch.empty(E, C, 2 * hidden))  # gate/up interleaved, as in MLP
+        self.b_fc = nn.Parameter(torch.zeros(E, 2 * hidden))
+        self.w_proj = nn.Parameter(torch.empty(E, hidden, C))
+        self.b_proj = nn.Parameter(torch.zeros(E, C))
+        self.register_buffer("load", torch.zeros(E), persistent=False)
+        self.aux_loss = None
+
+    def forward(self, x):
+        shape, E = x.shape, self.router.out_features
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x).float()
+        top_logits, expert = logits.topk(self.topk, dim=-1)  # (N, k)
+        weight = top_logits.softmax(dim=-1)
+        # sort the N·k (token, expert) pairs by expert; offs[e] is where expert e's slice ends
+        expert, order = expert.flatten().sort(stable=True)
+        token = order // self.topk
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
+        offs = counts.cumsum(0).to(torch.int32)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = F.grouped_mm(x[token].to(dtype), self.w_fc.to(dtype), offs=offs) + self.b_fc[expert].to(dtype)
+        y = F.grouped_mm(clamped_swiglu(h), self.w_proj.to(dtype), offs=offs) + self.b_proj[expert].to(dtype)
+        y = y.float() * weight.flatten()[order, None]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
+
+        load = counts.float() / expert.numel()
+        self.load.copy_(load.detach())
+        self.aux_loss = E * (load * logits.softmax(dim=-1).mean(dim=0)).sum()
+        return out.to(dtype).view(shape)
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
+        windowed = config.window and layer % config.window_every == 0
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, window=config.window if windowed else 0)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.moe_experts else MLP(config)
 
     def forward(self, x):
         # pre-norm residual stream (GPT-2 moved the LayerNorms to the block inputs)
@@ -175,7 +325,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
         if config.pos == "learned":  # with rope, positions enter through the rotation of q and k
@@ -186,22 +336,26 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
+        # GPT-2 paper: scale the residual-path weights by 1/sqrt(N) for N residual adds (2 per block)
+        residual_std = 0.02 * (2 * self.config.n_layer) ** -0.5
         if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "RESIDUAL_PROJ", False):
-                # GPT-2 paper: scale the residual-path weights by 1/sqrt(N) for N residual adds (2 per block)
-                std *= (2 * self.config.n_layer) ** -0.5
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if getattr(module, "RESIDUAL_PROJ", False) else 0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, MoE):  # experts start like the dense MLP's layers
+            nn.init.normal_(module.w_fc, mean=0.0, std=0.02)
+            nn.init.normal_(module.w_proj, mean=0.0, std=residual_std)
 
     def forward(self, idx, targets=None):
         logits = self.head(self.features(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.config.moe_aux_loss and torch.is_grad_enabled():  # in training only: val loss stays comparable
+                aux = [block.mlp.aux_loss for block in self.transformer.h]
+                loss = loss + self.config.moe_aux_loss * sum(aux) / len(aux)
         return logits, loss
 
     def features(self, idx):
@@ -223,23 +377,30 @@ class GPT(nn.Module):
 
     # ---- parameters, FLOPs, optimizer ----
 
-    def num_params(self, non_embedding=True):
+    def num_params(self, non_embedding=True, active=False):
         """Parameter count. non_embedding drops the lookups, which cost no FLOPs: the position
-        embedding, and wte unless it is tied to the output layer (then it does real work there)."""
+        embedding, and wte unless it is tied to the output layer (then it does real work there).
+        active counts, of a mixture of experts, only the top-k experts a token runs through."""
         n = sum(p.numel() for p in self.parameters())  # a tied wte/lm_head counts once
         if non_embedding:
             if self.config.pos == "learned":
                 n -= self.transformer.wpe.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
+        if active and self.config.moe_experts:
+            E, k = self.config.moe_experts, self.config.moe_topk
+            experts = sum(p.numel() for b in self.transformer.h for p in (b.mlp.w_fc, b.mlp.b_fc, b.mlp.w_proj, b.mlp.b_proj))
+            n -= experts * (E - k) // E
         return n
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B; nanoGPT's estimate_mfu):
-        6 per weight for forward+backward matmuls, plus attention's QK^T and AV over T positions."""
+        6 per active weight for forward+backward matmuls, plus attention's QK^T and AV over T positions
+        (over `window` positions in a windowed layer)."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        keys = sum(min(block.attn.window or T, T) for block in self.transformer.h)
+        return 6 * self.num_params(active=True) + 12 * cfg.n_head * (cfg.n_embd // cfg.n_head) * keys
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak FLOP/s."""

@@ -90,6 +90,15 @@ class TrainConfig:
 # embedding and output matmuls tile evenly on GPUs (build-nanogpt measured ~4% faster).
 TRAIN_MODEL_DEFAULTS = {"vocab_pad_multiple": 64}
 
+# --preset NAME: a set of settings under the --config file and the flags (both override it).
+PRESETS = {
+    # every gpt-oss change at GPT-2 124M's size: 12 query heads share 4 key/value heads, even layers
+    # attend to the last 128 tokens, 8 experts of which each token uses 2 (the active MLP is the
+    # dense one's size), untied output layer (SPEC-improvements.md, section A)
+    "gpt-oss": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "n_kv_head": 4, "window": 128, "sinks": True,
+                "moe_experts": 8, "moe_topk": 2, "tie_embeddings": False},
+}
+
 # Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (fp16 for V100/T4), matched
 # as whole words of torch.cuda.get_device_name(), most specific first ("A10" is not "A10G").
 PEAK_FLOPS = {
@@ -111,6 +120,7 @@ def parse_settings(argv=None):
     """The settings argv sets explicitly, as {name: value}: a --config file's, then the flags'."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file of settings (flat, or a run's config.json); flags override it")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of model switches, under --config and flags")
     for cls in (TrainConfig, GPTConfig):
         group = parser.add_argument_group(cls.__name__)
         for f in fields(cls):
@@ -119,7 +129,7 @@ def parse_settings(argv=None):
             else:
                 group.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS, metavar=f.type.__name__.upper())
     args = vars(parser.parse_args(argv))
-    values = {}
+    values = dict(PRESETS.get(args.pop("preset", None), {}))
     if config_file := args.pop("config", None):
         try:
             with open(config_file) as f:
@@ -640,10 +650,14 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
                             "device": torch.cuda.get_device_name() if device_type == "cuda" else device,
                             "world_size": world_size, "dtype": str(ptdtype).removeprefix("torch."),
                             "compile": use_compile, "grad_accum_steps": accum, "argv": sys.argv,
-                            "num_params": raw_model.num_params(non_embedding=False), "resumed_from": ckpt_path}}
+                            "num_params": raw_model.num_params(non_embedding=False),
+                            "active_params": raw_model.num_params(non_embedding=False, active=True),
+                            "resumed_from": ckpt_path}}
         with atomic_write(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
-    log(f"run {run_name}: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters, device {device}"
+    active = raw_model.num_params(non_embedding=False, active=True)
+    log(f"run {run_name}: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters"
+        + (f" ({active / 1e6:.2f}M active per token)" if model_cfg.moe_experts else "") + f", device {device}"
         f" × {world_size}, dtype {str(ptdtype).removeprefix('torch.')}, compile {use_compile}")
     log(f"batch {cfg.total_batch_size} tokens = {cfg.micro_batch_size} × {cfg.seq_len} × {world_size} ranks"
         f" × {accum} accumulation steps; logs in {run_dir}, checkpoints in {ckpt_dir}")
@@ -744,11 +758,15 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
                "elapsed_s": time.time() - t_start, **gpu.read()}
         if peak:
             rec["mfu"] = flops_per_token * tokens_per_sec / (peak * world_size)
+        if model_cfg.moe_experts:  # per layer, the share of this rank's last micro-batch each expert got
+            rec["moe_load"] = [block.mlp.load.tolist() for block in raw_model.transformer.h]
+            rec["moe_max_load"] = max(max(load) for load in rec["moe_load"]) * model_cfg.moe_experts
         log(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {rec['grad_norm']:.4f} | "
             f"dt {dt * 1000:.1f}ms | tok/s {tokens_per_sec:,.0f}"
             + (f" | mfu {rec['mfu'] * 100:.1f}%" if peak else "")
             + (f" | mem {rec['mem_gb']:.1f}GiB" if "mem_gb" in rec else "")
-            + (f" | util {rec['gpu_util']}%" if "gpu_util" in rec else ""))
+            + (f" | util {rec['gpu_util']}%" if "gpu_util" in rec else "")
+            + (f" | moe max load {rec['moe_max_load']:.2f}" if model_cfg.moe_experts else ""))
         runlog.event("train", **rec)
 
         done = step + 1
