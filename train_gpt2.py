@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from data import DataLoader, atomic_write, gpt2_tokenizer
+from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
 from model import GPT, GPTConfig
 from plot import plot_runs
 
@@ -84,6 +85,9 @@ class TrainConfig:
     checkpoint_every_minutes: float = 5.0  # bounds the work a hard kill loses (0 = off)
     keep_checkpoints: int = 3  # newest checkpoints kept (0 = all)
     resume: str = "auto"  # auto: newest good checkpoint in checkpoint_dir, if any | none | a checkpoint file/folder
+    # post-hoc EMA (EDM2; ema.py): power-function EMAs of the weights, snapshots to checkpoint_dir/ema/
+    ema_stds: str = ""  # comma-separated σ_rel to track, e.g. 0.05,0.10 (empty: off)
+    ema_snapshot_every: int = 0  # steps between snapshots (and one at the end); 0 = none
 
 
 # GPTConfig defaults that differ when training: GPT-2's 50257 rounded up to 50304 = 64·786 makes the
@@ -456,8 +460,9 @@ def data_fingerprint(loader):
 def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
     """Refuse settings that would change the data order or the model; return the other changes."""
     saved_train, saved_model = ckpt["train_config"], ckpt["model_config"]
-    if saved_model != asdict(model_cfg):
-        diff = {k: (v, getattr(model_cfg, k)) for k, v in saved_model.items() if getattr(model_cfg, k) != v}
+    diff = {k: (v, getattr(model_cfg, k)) for k, v in saved_model.items()
+            if getattr(model_cfg, k) != v and k != "attn_impl"}  # the attention kernel does not change the model
+    if diff:
         fail(f"the checkpoint's model differs: {diff} (checkpoint, now); resume with the same model flags "
              f"or start a new --run_name")
     for key in RESUME_FIXED:
@@ -596,6 +601,15 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
                                                eps=cfg.eps)
     # fp16 needs loss scaling against underflow; for bf16/fp32 the scaler is a no-op
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    try:
+        ema_stds = [float(s) for s in cfg.ema_stds.split(",")] if cfg.ema_stds else []
+        for s in ema_stds:
+            sigma_rel_to_gamma(s)  # checks the range
+    except ValueError as e:
+        fail(f"--ema_stds {cfg.ema_stds}: {e}")
+    # every rank has the same weights: rank 0 alone averages and saves them
+    ema = PowerEMA(raw_model, ema_stds) if ema_stds and master else None
+    ema_dir = os.path.join(ckpt_dir, "ema")
 
     try:
         train_loader = DataLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.seq_len, rank, world_size,
@@ -624,6 +638,17 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
             scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        if ema:
+            if not ckpt.get("ema"):
+                fail(f"{ckpt_path} has no EMA to continue (the run started without --ema_stds); "
+                     f"start a new --run_name to use post-hoc EMA")
+            try:
+                ema.load_state_dict(ckpt["ema"])
+            except ValueError as e:
+                fail(f"--ema_stds: {e}")
+            for step, path in list_snapshots(ema_dir):  # a rewind: snapshots from the discarded future
+                if step > ckpt["step"]:
+                    os.remove(path)
         start_step, evals = ckpt["step"], ckpt["evals"]
         del ckpt
         log(f"resumed from {ckpt_path} at step {start_step}"
@@ -679,7 +704,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
                      "model_config": asdict(model_cfg), "train_config": asdict(cfg),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "loader": train_loader.state_dict(), "rng": rngs,
-                     "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size}
+                     "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size,
+                     "ema": ema.state_dict() if ema else None}
             path = save_checkpoint(ckpt_dir, state, cfg.keep_checkpoints)
             log(f"saved {path}")
             runlog.event("checkpoint", step=step, path=path)
@@ -770,6 +796,10 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         runlog.event("train", **rec)
 
         done = step + 1
+        if ema:
+            ema.update(raw_model, done)
+            if cfg.ema_snapshot_every and (done % cfg.ema_snapshot_every == 0 or done == cfg.max_steps):
+                save_snapshot(ema_dir, done, ema, asdict(model_cfg))
         periodic = save_now or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         if stop_now or (periodic and done < cfg.max_steps):  # the last step's checkpoint follows the final evals
             checkpoint(done)
