@@ -40,20 +40,23 @@ class GPTConfig:
     window: int = 0  # sliding-window attention: a query sees only the last `window` tokens (0: all)
     window_every: int = 2  # layer i is windowed when i % window_every == 0 (gpt-oss: even layers)
     sinks: bool = False  # a learned extra softmax logit per head that can absorb attention
-    attn_impl: str = "sdpa"  # sdpa (every device) | flex (FlexAttention: CUDA, skips masked blocks) | reference
+    attn_impl: str = "auto"  # auto: flex on CUDA for windows/sinks, else sdpa | sdpa | flex | reference
     moe_experts: int = 0  # 0: a dense MLP; more: a mixture of SwiGLU experts
     moe_topk: int = 4  # experts per token (gpt-oss: 4 of 32)
     moe_aux_loss: float = 0.0  # weight of the Switch-Transformer load-balance loss (gpt-oss: none)
     rope_scaling: float = 1.0  # YaRN: > 1 runs a rope model at rope_scaling × the context it was trained on
+    # EDM2 switch: magnitude-preserving layers instead of norm layers (see MPLinear and Block)
+    mp: bool = False
+    mp_t: float = 0.3  # residual blend: x <- mp_sum(x, f(x), t) (EDM2's res_balance)
     tie_embeddings: bool = True  # GPT-2 shares wte with the output layer; gpt-oss does not
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu"),
-                   "attn_impl": ("sdpa", "flex", "reference")}
+                   "attn_impl": ("auto", "sdpa", "flex", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if self.n_embd % self.n_head or self.n_head % self.kv_heads:
+        if self.n_kv_head < 0 or self.n_embd % self.n_head or self.n_head % self.kv_heads:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}), and "
                              f"n_head of n_kv_head ({self.kv_heads})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
@@ -62,8 +65,15 @@ class GPTConfig:
             raise ValueError("rope_scaling (YaRN) stretches rotary positions: it needs --pos rope and a value >= 1")
         if self.window < 0 or self.window_every < 1:
             raise ValueError("window must be >= 0 (0: full attention) and window_every >= 1")
+        if self.moe_experts and self.mlp != "swiglu":
+            raise ValueError("the experts are gpt-oss's clamped SwiGLUs: set --mlp swiglu with --moe_experts")
+        if self.moe_aux_loss and not self.moe_experts:
+            raise ValueError("moe_aux_loss balances experts: it needs --moe_experts")
         if self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts:
             raise ValueError(f"moe_topk must be between 1 and moe_experts ({self.moe_experts}), not {self.moe_topk}")
+        if self.mp and (self.norm, self.mlp, self.moe_experts, self.sinks) != ("layernorm", "gelu", 0, False):
+            raise ValueError("mp replaces the norm layers and the MLP's activation, and normalises every head's "
+                             "output (which would undo a sink): leave --norm, --mlp, --moe_experts, --sinks off")
         if self.moe_experts and self.expert_hidden % 8:
             raise ValueError(f"expert hidden size {self.expert_hidden} must be a multiple of 8 (grouped matmul "
                              f"alignment): set --mlp_hidden")
@@ -86,8 +96,8 @@ class GPTConfig:
     def is_gpt2(self):
         """Whether every switch is GPT-2's: only then do the weights fit Hugging Face's GPT2LMHeadModel."""
         return (self.norm, self.pos, self.mlp, self.mlp_hidden, self.kv_heads, self.qkv_bias, self.window,
-                self.sinks, self.moe_experts, self.tie_embeddings) == \
-            ("layernorm", "learned", "gelu", 0, self.n_head, True, 0, False, 0, True)
+                self.sinks, self.moe_experts, self.mp, self.tie_embeddings) == \
+            ("layernorm", "learned", "gelu", 0, self.n_head, True, 0, False, 0, False, True)
 
 
 class RMSNorm(nn.Module):
@@ -105,7 +115,51 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
+    if config.mp:  # no learned norm: a parameter-free rescale to unit RMS (EDM2's "pixel norm")
+        return UnitRMS()
     return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd)
+
+
+# ---- EDM2's magnitude-preserving pieces (Karras et al. 2024, training/networks_edm2.py) ----
+
+def normalize(w, eps=1e-4):
+    """Every row (a fan-in vector) scaled to unit RMS: w / (eps + ‖w‖/√fan_in)."""
+    norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True, dtype=torch.float32)
+    return w / (eps + norm / math.sqrt(w.size(-1))).to(w.dtype)
+
+
+def mp_silu(x):
+    """SiLU rescaled so a unit-variance Gaussian input gives a unit-RMS output (E[silu(x)²]^½ = 0.596)."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a, b, t):
+    """(1−t)·a + t·b, divided by its RMS when a and b are independent and unit-RMS: stays unit-RMS."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+class MPLinear(nn.Module):
+    """A linear layer that keeps unit-variance inputs at unit variance: no bias, weight rows of unit RMS,
+    scaled by gain/√fan_in. GPT.renormalize_ puts the stored rows back on unit RMS after every optimizer
+    step (forced weight normalisation: the optimizer can only turn them, so no weight decay); normalising
+    again here makes the gradient orthogonal to each row, as for classic weight normalisation."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+
+    def forward(self, x, gain=1.0):
+        w = normalize(self.weight.float()) * (gain / math.sqrt(self.weight.size(1)))
+        return F.linear(x, w.to(x.dtype))
+
+
+class UnitRMS(nn.Module):
+    def forward(self, x):
+        return normalize(x)
+
+
+def make_linear(config, fan_in, fan_out, bias=True):
+    return MPLinear(fan_in, fan_out) if config.mp else nn.Linear(fan_in, fan_out, bias=bias)
 
 
 def rope_cache(head_dim, max_len, theta, scaling=1.0):
@@ -201,11 +255,11 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_dim = config.n_embd // config.n_head
-        self.window, self.attend = window, ATTENTION[config.attn_impl]
+        self.window, self.attn_impl, self.mp = window, config.attn_impl, config.mp
         # q for every head, k and v for every key/value head, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim,
-                                bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = make_linear(config, config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim,
+                                  bias=config.qkv_bias)
+        self.c_proj = make_linear(config, config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
         self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.sinks else None
         if config.pos == "rope":  # buffers, not parameters: recomputed, never saved
@@ -221,10 +275,18 @@ class CausalSelfAttention(nn.Module):
         # (B, T, heads·head_dim) -> (B, heads, T, head_dim)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if self.mp:  # unit-RMS q and k per head bound the logits (EDM2 normalises them, too)
+            q, k = normalize(q), normalize(k)
         if self.rope_cos is not None:
             q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
         # a window of T or more hides nothing: use the plain causal (flash) path
-        y = self.attend(q, k, v, self.window if self.window < T else 0, self.sinks)
+        window = self.window if self.window < T else 0
+        impl = self.attn_impl
+        if impl == "auto":  # SDPA has no fused kernel for a band or a sink: FlexAttention does, on GPUs
+            impl = "flex" if q.is_cuda and (window or self.sinks is not None) else "sdpa"
+        y = ATTENTION[impl](q, k, v, window, self.sinks)
+        if self.mp:  # an average of values is shorter than each of them: bring every head back to unit RMS
+            y = normalize(y)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -242,9 +304,10 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         hidden = config.mlp_hidden or (8 * config.n_embd // 3 if self.swiglu else 4 * config.n_embd)
         # swiglu: gate and up projections from one matmul, interleaved (gate = even columns, up = odd)
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation ("gelu_new" in HF)
-        self.c_proj = nn.Linear(hidden, config.n_embd)
+        self.c_fc = make_linear(config, config.n_embd, 2 * hidden if self.swiglu else hidden)
+        # GPT-2 used GELU's tanh approximation ("gelu_new" in HF); mp uses EDM2's rescaled SiLU
+        self.gelu = mp_silu if config.mp else nn.GELU(approximate="tanh")
+        self.c_proj = make_linear(config, hidden, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True
 
     def forward(self, x):
@@ -269,9 +332,9 @@ class MoE(nn.Module):
         self.router = nn.Linear(C, E)
         # expert weights stacked as (experts, in, out): one slice per expert for the grouped matmul
         self.w_fc = nn.Parameter(torch.empty(E, C, 2 * hidden))  # gate/up interleaved, as in MLP
-        self.b_fc = nn.Parameter(torch.zeros(E, 2 * hidden))
+        self.fc_bias = nn.Parameter(torch.zeros(E, 2 * hidden))
         self.w_proj = nn.Parameter(torch.empty(E, hidden, C))
-        self.b_proj = nn.Parameter(torch.zeros(E, C))
+        self.proj_bias = nn.Parameter(torch.zeros(E, C))
         self.register_buffer("load", torch.zeros(E), persistent=False)
         self.aux_loss = None
 
@@ -287,8 +350,8 @@ class MoE(nn.Module):
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
         offs = counts.cumsum(0).to(torch.int32)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        h = F.grouped_mm(x[token].to(dtype), self.w_fc.to(dtype), offs=offs) + self.b_fc[expert].to(dtype)
-        y = F.grouped_mm(clamped_swiglu(h), self.w_proj.to(dtype), offs=offs) + self.b_proj[expert].to(dtype)
+        h = F.grouped_mm(x[token].to(dtype), self.w_fc.to(dtype), offs=offs) + self.fc_bias[expert].to(dtype)
+        y = F.grouped_mm(clamped_swiglu(h), self.w_proj.to(dtype), offs=offs) + self.proj_bias[expert].to(dtype)
         y = y.float() * weight.flatten()[order, None]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
 
@@ -304,10 +367,18 @@ class Block(nn.Module):
         windowed = config.window and layer % config.window_every == 0
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, window=config.window if windowed else 0)
-        self.ln_2 = make_norm(config)
+        self.ln_2 = nn.Identity() if config.mp else make_norm(config)
         self.mlp = MoE(config) if config.moe_experts else MLP(config)
+        self.mp_t = config.mp_t if config.mp else None
 
     def forward(self, x):
+        if self.mp_t is not None:
+            # EDM2's encoder block: the main path itself is brought to unit RMS (ln_1 is parameter-free
+            # here), then every branch output and every sum is unit-RMS by construction. Without it,
+            # tokens grow correlated with depth and the sums drift below 1 (~5% by layer 12).
+            x = self.ln_1(x)
+            x = mp_sum(x, self.attn(x), self.mp_t)
+            return mp_sum(x, self.mlp(x), self.mp_t)
         # pre-norm residual stream (GPT-2 moved the LayerNorms to the block inputs)
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
@@ -334,6 +405,12 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2, Press & Wolf 2017)
         self.apply(self._init_weights)
+        if config.mp:
+            # the logits' scale, learned from 0 (EDM2's out_gain): training starts at uniform logits. Adam
+            # moves a scalar ~lr a step, so it is stored divided by √n_embd (as nGPT stores its s_z):
+            # otherwise the logits would stay near zero for hundreds of steps at language-model lrs
+            self.out_gain = nn.Parameter(torch.zeros([]))
+            self.renormalize_()
 
     def _init_weights(self, module):
         # GPT-2 paper: scale the residual-path weights by 1/sqrt(N) for N residual adds (2 per block)
@@ -364,7 +441,10 @@ class GPT(nn.Module):
         assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
         x = self.transformer.wte(idx)
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+            pos = self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+            x = mp_sum(normalize(x), normalize(pos), 0.5) if self.config.mp else x + pos
+        elif self.config.mp:
+            x = normalize(x)
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
@@ -373,7 +453,26 @@ class GPT(nn.Module):
         """Logits over the real vocabulary. Callers that need only some positions (HellaSwag scores
         only the endings) pass just those rows of features(): the output layer is the costly part."""
         # the padded columns exist only to make the matmul fast: cut them so they are never predicted
+        if self.config.mp:
+            w = normalize(self.lm_head.weight.float()) * self.out_gain  # gain·√n_embd / √fan_in
+            return F.linear(x, w.to(x.dtype))[..., : self.config.vocab_size]
         return self.lm_head(x)[..., : self.config.vocab_size]
+
+    def normalized_params(self):
+        """The weights that forced weight normalisation keeps on unit-RMS rows (mp only)."""
+        if not self.config.mp:
+            return []
+        found = [m.weight for m in self.modules() if isinstance(m, MPLinear)]
+        found += [self.transformer.wte.weight] + ([] if self.config.tie_embeddings else [self.lm_head.weight])
+        return found + ([self.transformer.wpe.weight] if self.config.pos == "learned" else [])
+
+    @torch.no_grad()
+    def renormalize_(self):
+        """Forced weight normalisation (EDM2): every MP weight back on unit-RMS rows. The training loop
+        runs it after each optimizer step, on the unwrapped model (outside torch.compile), identically
+        on every rank, so checkpoints hold normalised weights."""
+        for p in self.normalized_params():
+            p.copy_(normalize(p.float()))
 
     # ---- parameters, FLOPs, optimizer ----
 
@@ -389,14 +488,14 @@ class GPT(nn.Module):
                 n -= self.transformer.wte.weight.numel()
         if active and self.config.moe_experts:
             E, k = self.config.moe_experts, self.config.moe_topk
-            experts = sum(p.numel() for b in self.transformer.h for p in (b.mlp.w_fc, b.mlp.b_fc, b.mlp.w_proj, b.mlp.b_proj))
+            experts = sum(p.numel() for b in self.transformer.h for p in (b.mlp.w_fc, b.mlp.fc_bias, b.mlp.w_proj, b.mlp.proj_bias))
             n -= experts * (E - k) // E
         return n
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B; nanoGPT's estimate_mfu):
-        6 per active weight for forward+backward matmuls, plus attention's QK^T and AV over T positions
-        (over `window` positions in a windowed layer)."""
+        6 per active weight for forward+backward matmuls, plus attention's QK^T and AV over T keys
+        (`window` keys in a windowed layer); like PaLM, causal masking is not discounted."""
         cfg = self.config
         T = seq_len or cfg.block_size
         keys = sum(min(block.attn.window or T, T) for block in self.transformer.h)
@@ -407,11 +506,15 @@ class GPT(nn.Module):
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        """AdamW that decays only matrices (weights, embeddings), not biases and LayerNorm gains."""
+        """AdamW that decays only matrices (weights, embeddings), not biases (the experts' are 2-D) and
+        norm gains, nor weights that forced weight normalisation keeps at a fixed norm."""
         params = [p for p in self.parameters() if p.requires_grad]
+        fixed = {id(p) for p in self.normalized_params()}
+        fixed |= {id(p) for name, p in self.named_parameters() if name.endswith("bias")}
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in fixed]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in {id(q) for q in decay}], "weight_decay": 0.0},
         ]
         # the fused kernel is one launch for all parameters instead of several per tensor
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")

@@ -56,6 +56,8 @@ class TrainConfig:
     warmup_steps: int = 715  # 375M tokens (GPT-3 paper)
     max_lr: float = 6e-4
     min_lr_frac: float = 0.1
+    lr_schedule: str = "cosine"  # cosine | inv_sqrt: max_lr / √max(step / lr_ref_steps, 1) after warmup (EDM2)
+    lr_ref_steps: int = 0  # inv_sqrt: where the decay starts (0: warmup_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -99,6 +101,8 @@ PRESETS = {
     # every gpt-oss change at GPT-2 124M's size: 12 query heads share 4 key/value heads, even layers
     # attend to the last 128 tokens, 8 experts of which each token uses 2 (the active MLP is the
     # dense one's size), untied output layer (SPEC-improvements.md, section A)
+    # EDM2's magnitude-preserving network with the optimizer settings that go with it (section B)
+    "edm2": {"mp": True, "beta2": 0.99, "weight_decay": 0.0, "lr_schedule": "inv_sqrt"},
     "gpt-oss": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "n_kv_head": 4, "window": 128, "sinks": True,
                 "moe_experts": 8, "moe_topk": 2, "tie_embeddings": False},
 }
@@ -178,10 +182,13 @@ def grad_accum_steps(cfg, world_size):
 
 
 def get_lr(step, cfg):
-    """Linear warmup to max_lr, cosine decay to min_lr_frac·max_lr at max_steps (GPT-3 paper)."""
+    """Linear warmup to max_lr, then cosine decay to min_lr_frac·max_lr at max_steps (GPT-3 paper), or
+    EDM2's inverse square root, which needs no end point: a run can be extended without a new schedule."""
     min_lr = cfg.max_lr * cfg.min_lr_frac
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "inv_sqrt":
+        return cfg.max_lr / math.sqrt(max(step / (cfg.lr_ref_steps or cfg.warmup_steps or 1), 1))
     if step >= cfg.max_steps:
         return min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
@@ -581,6 +588,10 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
     accum = grad_accum_steps(cfg, world_size)
     if cfg.seq_len > model_cfg.block_size:
         fail(f"seq_len {cfg.seq_len} is longer than the model's block_size {model_cfg.block_size}")
+    if model_cfg.rope_scaling != 1.0:
+        fail("--rope_scaling (YaRN) stretches a trained model's context at evaluation; train with 1")
+    if cfg.lr_schedule not in ("cosine", "inv_sqrt"):
+        fail(f"--lr_schedule {cfg.lr_schedule}: choose cosine or inv_sqrt")
     ptdtype = resolve_dtype(cfg, device_type)
     autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
@@ -658,7 +669,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
 
     model = torch.compile(raw_model) if use_compile else raw_model
     if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # no buffer broadcasts: the model has no running statistics, only caches every rank computes itself
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
     hella_examples = None
     if cfg.hellaswag_every:
@@ -768,6 +780,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
             group["lr"] = lr
         scaler.step(optimizer)
         scaler.update()
+        raw_model.renormalize_()  # mp: forced weight normalisation (a no-op otherwise)
 
         # one all-reduce carries the loss and what every rank must agree on: stop now? save now?
         save_due = master and cfg.checkpoint_every_minutes > 0 and \
