@@ -153,3 +153,17 @@ def test_ema_bad_input(small_shards, tmp_path):
     with pytest.raises(SystemExit, match="no EMA to continue"):
         run_inprocess(tiny_args(tmp_path, small_shards, "plain", "--max_steps", "4", *EMA_FLAGS[:2]))
     assert not os.path.exists(tmp_path / "ckpt" / "bad" / "ema")
+
+
+def test_ema_under_ddp_equals_single_process(small_shards, tmp_path):
+    """Rank 0 alone keeps the EMAs; with 2 ranks they average the same weights as 1 process."""
+    from test_train_gpt2 import torchrun
+
+    flags = ["--ema_stds", "0.1", "--ema_snapshot_every", "3", "--max_steps", "6", "--val_every", "0"]
+    torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", *flags))
+    run_inprocess(tiny_args(tmp_path, small_shards, "single", *flags))
+    for step in (3, 6):
+        a = torch.load(tmp_path / "ckpt" / "ddp" / "ema" / f"step_{step:06d}.pt", weights_only=True)
+        b = torch.load(tmp_path / "ckpt" / "single" / "ema" / f"step_{step:06d}.pt", weights_only=True)
+        for name, w in b["averages"][0].items():
+            torch.testing.assert_close(a["averages"][0][name], w, rtol=1e-4, atol=1e-5)

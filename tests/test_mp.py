@@ -133,3 +133,20 @@ def test_mp_ddp_matches_single_process(small_shards, tmp_path):
     assert len(events(tmp_path / "logs" / "ddp", "val")) == 3
     for k, v in final_weights(tmp_path / "ckpt" / "single").items():
         torch.testing.assert_close(final_weights(tmp_path / "ckpt" / "ddp")[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_mp_compiled_equals_eager():
+    torch.manual_seed(0)
+    config = mp_config(pos="rope", n_kv_head=2, window=8)
+    eager, compiled = GPT(config), GPT(config)
+    with torch.no_grad():
+        eager.out_gain.fill_(0.5)  # gain 0 would zero every gradient but its own
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randint(0, 64, (2, 32))
+    loss_e = eager(x, x)[1]
+    loss_c = torch.compile(compiled, fullgraph=True)(x, x)[1]
+    loss_e.backward()
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
