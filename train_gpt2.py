@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from data import DataLoader, atomic_write, gpt2_tokenizer
 from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
+from optim import build_optimizer, describe
 from model import GPT, GPTConfig
 from plot import plot_runs
 
@@ -63,6 +64,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    optimizer: str = "adamw"  # adamw | muon (hidden matrices; the rest stays on AdamW): see optim.py
+    muon_lr: float = 0.02  # muon with --muon_scale keller: the matrices' lr (follows the schedule)
+    muon_momentum: float = 0.95
+    muon_scale: str = "keller"  # keller: √max(1, rows/cols) | moonlight: 0.2·√max(rows, cols), AdamW's lr and decay
     # evaluation, every N steps and at the end (0 = off)
     val_every: int = 250
     val_steps: int = 20  # batches of total_batch_size tokens from the start of the val shard
@@ -472,6 +477,9 @@ def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
     if diff:
         fail(f"the checkpoint's model differs: {diff} (checkpoint, now); resume with the same model flags "
              f"or start a new --run_name")
+    if saved_train.get("optimizer", "adamw") != cfg.optimizer:
+        fail(f"--optimizer {cfg.optimizer}: the checkpoint was trained with {saved_train.get('optimizer', 'adamw')}, "
+             f"whose state it holds; resume with it or start a new --run_name")
     for key in RESUME_FIXED:
         if saved_train[key] != getattr(cfg, key):
             fail(f"--{key} {getattr(cfg, key)} differs from the checkpoint's {saved_train[key]}, which would "
@@ -608,8 +616,9 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     raw_model = GPT(model_cfg).to(device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), device_type,
-                                               eps=cfg.eps)
+    if cfg.optimizer not in ("adamw", "muon") or cfg.muon_scale not in ("keller", "moonlight"):
+        fail(f"--optimizer {cfg.optimizer} --muon_scale {cfg.muon_scale}: choose adamw or muon, keller or moonlight")
+    optimizer = build_optimizer(raw_model, cfg, device_type)
     # fp16 needs loss scaling against underflow; for bf16/fp32 the scaler is a no-op
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     try:
@@ -698,6 +707,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         f" × {world_size}, dtype {str(ptdtype).removeprefix('torch.')}, compile {use_compile}")
     log(f"batch {cfg.total_batch_size} tokens = {cfg.micro_batch_size} × {cfg.seq_len} × {world_size} ranks"
         f" × {accum} accumulation steps; logs in {run_dir}, checkpoints in {ckpt_dir}")
+    for line in describe(raw_model, optimizer):
+        log(f"  {line}")
     if not ckpt_path:
         runlog.event("start", step=0, world_size=world_size)
 
@@ -777,7 +788,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # muon's matrices follow the schedule at their own lr
         scaler.step(optimizer)
         scaler.update()
         raw_model.renormalize_()  # mp: forced weight normalisation (a no-op otherwise)

@@ -1,0 +1,33 @@
+"""Run by test_optim.py under torchrun: Muon steps on identical gradients on every rank, with the
+Newton–Schulz work split across ranks; rank 0 saves the result to compare with one process."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from optim import MuonWithAdamW
+
+
+def run(out=None):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(16, 32), (48, 16), (8, 8), (32, 32), (5,)]]
+    opt = MuonWithAdamW([{"params": params[:4], "use_muon": True, "weight_decay": 0.1},
+                         {"params": params[4:]}], lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    result = run()
+    if dist.get_rank() == 0:
+        torch.save(result, sys.argv[1])
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    assert all(torch.equal(a, b) for other in gathered for a, b in zip(other, result)), "ranks differ"
+    dist.destroy_process_group()
