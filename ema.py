@@ -2,7 +2,7 @@
 Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
 section 3 and appendix C): choose how long to average the weights after training, not before.
 
-During training (train_gpt2.py --ema_sigma_rels 0.05,0.10 --ema_snapshot_every N) two power-function
+During training (train_gpt2.py --ema_stds 0.05,0.10 --ema_snapshot_every N) two power-function
 EMAs of the weights are kept and saved every N steps. A power-function EMA at step t weights the
 weights of step τ ≤ t by ∝ τ^γ: its relative width σ_rel (std of that profile / t) is a function of γ
 alone, so it averages over a fixed fraction of the run however long the run is. Any profile, at any
@@ -88,9 +88,7 @@ class PowerEMA:
         """After optimizer step t (counting from 1)."""
         params = dict(model.named_parameters())
         for gamma, avg in zip(self.gammas, self.averages):
-            beta = ema_beta(t, gamma)
-            for name, a in avg.items():
-                a.lerp_(params[name].float(), 1 - beta)
+            torch._foreach_lerp_(list(avg.values()), [params[name].float() for name in avg], 1 - ema_beta(t, gamma))
 
     def state_dict(self):
         return {"sigma_rels": self.sigma_rels, "averages": self.averages}
@@ -106,7 +104,8 @@ class PowerEMA:
 def save_snapshot(ema_dir, step, ema, model_config):
     """ema_dir/step_NNNNNN.pt: the EMAs after `step` optimizer steps (written atomically)."""
     os.makedirs(ema_dir, exist_ok=True)
-    state = {"step": step, "model_config": model_config, **ema.state_dict()}
+    averages = [{name: w.cpu() for name, w in avg.items()} for avg in ema.averages]  # readable without a GPU
+    state = {"step": step, "model_config": model_config, "sigma_rels": ema.sigma_rels, "averages": averages}
     with atomic_write(os.path.join(ema_dir, f"step_{step:06d}.pt")) as f:
         torch.save(state, f)
 
@@ -124,25 +123,34 @@ def list_snapshots(ema_dir):
 # after training
 
 
-def reconstruct(snapshots, sigma_rel, at_step=None):
-    """The weights of a σ_rel EMA at at_step (default: the last snapshot's step), as a state dict,
-    from snapshots [(step, path)]. Loads one snapshot at a time."""
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def reconstruct(snapshots, sigma_rels, at_step=None):
+    """[state dict of the σ_rel EMA at at_step for each σ_rel] from snapshots [(step, path)], reading each
+    snapshot once. at_step (default the last) must be a snapshot's step: a profile reaching past the
+    last snapshot covers steps no snapshot has seen, and least squares would extrapolate silently."""
     at_step = at_step or snapshots[-1][0]
+    if at_step not in {step for step, _ in snapshots}:
+        raise ValueError(f"step {at_step} has no EMA snapshot; choose one of {[step for step, _ in snapshots]}")
     used = [(step, path) for step, path in snapshots if step <= at_step]
-    if not used:
-        raise ValueError(f"no EMA snapshot at or before step {at_step}")
-    sigmas = torch.load(used[0][1], map_location="cpu", weights_only=True)["sigma_rels"]
-    snap_t = [step for step, _ in used for _ in sigmas]
-    snap_sigma = [s for _ in used for s in sigmas]
-    coef = solve_coefficients(snap_t, snap_sigma, [at_step], [sigma_rel])[:, 0]
-    out, i = {}, 0
+    tracked = load(used[0][1])["sigma_rels"]
+    snap_t = [step for step, _ in used for _ in tracked]
+    snap_sigma = [s for _ in used for s in tracked]
+    coef = solve_coefficients(snap_t, snap_sigma, [at_step] * len(sigma_rels), sigma_rels)  # (snapshots, outputs)
+    out = [{} for _ in sigma_rels]
+    i = 0
     for _, path in used:
-        snap = torch.load(path, map_location="cpu", weights_only=True)
+        snap = load(path)
+        if snap["sigma_rels"] != tracked:
+            raise ValueError(f"{path} tracks σ_rel {snap['sigma_rels']}, not {tracked} like the others")
         for avg in snap["averages"]:
-            for name, w in avg.items():
-                out[name] = out.get(name, 0) + float(coef[i]) * w.double()
+            for k, weights in enumerate(out):
+                for name, w in avg.items():
+                    weights[name] = weights.get(name, 0) + float(coef[i, k]) * w.float()
             i += 1
-    return {name: w.float() for name, w in out.items()}
+    return out
 
 
 def main(argv=None):
@@ -175,26 +183,40 @@ def main(argv=None):
 
     snapshots = list_snapshots(os.path.join(args.checkpoint_dir, "ema"))
     if not snapshots:
-        fail(f"no EMA snapshots in {args.checkpoint_dir}/ema: train with --ema_sigma_rels and --ema_snapshot_every")
+        fail(f"no EMA snapshots in {args.checkpoint_dir}/ema: train with --ema_stds and --ema_snapshot_every")
     ckpts = sorted(glob.glob(os.path.join(args.checkpoint_dir, "step_*.pt")))
     if not ckpts:
         fail(f"no checkpoint in {args.checkpoint_dir} to read the run's settings from")
-    last = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    last = load(ckpts[-1])
     model_config, train = GPTConfig(**last["model_config"]), last["train_config"]
+    if load(snapshots[-1][1])["model_config"] != last["model_config"]:
+        fail(f"the snapshots in {args.checkpoint_dir}/ema are of another model than {ckpts[-1]}")
     device = args.device or hellaswag.default_device()
     dtype = hellaswag.default_autocast_dtype(device)  # bf16 on recent GPUs, as in training
     at_step = args.at_step or snapshots[-1][0]
+    if at_step not in [step for step, _ in snapshots]:
+        fail(f"--at_step {at_step}: reconstruct at a snapshot's step, one of {[step for step, _ in snapshots]}")
 
     try:
         sigmas = [float(s) for s in args.sigma_rels.split(",")]
-        for s in sigmas + ([args.save] if args.save else []):
+        for s in sigmas + ([args.save] if args.save is not None else []):
             sigma_rel_to_gamma(s)
     except ValueError as e:
         fail(f"--sigma_rels / --save: {e}")
 
     model = GPT(model_config).to(device).eval()
+
+    def load_weights(state):
+        """Every parameter must come from `state`; only a tied lm_head (it is wte) may be absent."""
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        allowed = {"lm_head.weight"} if model_config.tie_embeddings else set()
+        if unexpected or not set(missing) <= allowed:
+            fail(f"the EMA weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
     if args.save is not None:
-        model.load_state_dict(reconstruct(snapshots, args.save, at_step), strict=False)
+        if args.hf_out and not model_config.is_gpt2:
+            fail("--hf_out: only a GPT-2 (every switch at its default) fits a Hugging Face GPT2LMHeadModel")
+        load_weights(reconstruct(snapshots, [args.save], at_step)[0])
         path = os.path.join(args.checkpoint_dir, f"ema_{args.save:.3f}.pt")
         with atomic_write(path) as f:
             torch.save({"model": model.state_dict(), "model_config": last["model_config"], "step": at_step,
@@ -207,14 +229,17 @@ def main(argv=None):
 
     B, T = train["micro_batch_size"], train["seq_len"]
     accum = train["total_batch_size"] // (B * T)
-    loader = DataLoader(args.data_dir or train["data_dir"], "val", B, T)
+    try:
+        loader = DataLoader(args.data_dir or train["data_dir"], "val", B, T)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{e} (point --data_dir at the run's shards)")
     steps = args.val_steps or train["val_steps"] * accum
     examples = hellaswag.load_examples(args.hellaswag_file, limit=args.hellaswag_limit or None) \
         if args.hellaswag_file else None
 
     @torch.no_grad()
     def evaluate(state):
-        model.load_state_dict(state, strict=False)  # a tied lm_head follows wte; buffers stay
+        load_weights(state)
         loader.reset()
         total = 0.0
         for _ in range(steps):
@@ -227,19 +252,19 @@ def main(argv=None):
         return row
 
     rows = []
-    for s in sigmas:
-        rows.append({"sigma_rel": s, **evaluate(reconstruct(snapshots, s, at_step))})
+    for s, state in zip(sigmas, reconstruct(snapshots, sigmas, at_step)):
+        rows.append({"sigma_rel": s, **evaluate(state)})
         print(f"σ_rel {s:.3f}: val loss {rows[-1]['val_loss']:.4f}")
     raw = [c for c in ckpts if f"step_{at_step:06d}.pt" in c]
     if raw:  # the un-averaged weights of the same step, for comparison
-        rows.append({"sigma_rel": 0.0, **evaluate(torch.load(raw[0], map_location="cpu", weights_only=True)["model"])})
+        rows.append({"sigma_rel": 0.0, **evaluate(load(raw[0])["model"])})
         print(f"no EMA: val loss {rows[-1]['val_loss']:.4f}")
     best = min((r for r in rows if r["sigma_rel"]), key=lambda r: r["val_loss"])
 
     out = args.out or os.path.join(train["log_dir"], os.path.basename(os.path.normpath(args.checkpoint_dir)))
     os.makedirs(out, exist_ok=True)
     lines = [f"Post-hoc EMA at step {at_step} from {len(snapshots)} snapshots of σ_rel "
-             f"{', '.join(str(s) for s in torch.load(snapshots[0][1], weights_only=True)['sigma_rels'])}; "
+             f"{', '.join(str(s) for s in load(snapshots[0][1])['sigma_rels'])}; "
              f"val loss over {steps} batches. Best: σ_rel {best['sigma_rel']}.", "",
              "| σ_rel | val loss |" + (" HellaSwag |" if examples else ""),
              "|---|---|" + ("---|" if examples else "")]

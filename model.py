@@ -134,8 +134,10 @@ def mp_silu(x):
 
 
 def mp_sum(a, b, t):
-    """(1−t)·a + t·b, divided by its RMS when a and b are independent and unit-RMS: stays unit-RMS."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    """(1−t)·a + t·b, divided by its RMS when a and b are independent and unit-RMS: stays unit-RMS.
+    Under autocast a branch comes back in bf16 while the stream is fp32: the sum is taken in fp32."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 class MPLinear(nn.Module):

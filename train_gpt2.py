@@ -107,7 +107,8 @@ PRESETS = {
     # attend to the last 128 tokens, 8 experts of which each token uses 2 (the active MLP is the
     # dense one's size), untied output layer (SPEC-improvements.md, section A)
     # EDM2's magnitude-preserving network with the optimizer settings that go with it (section B)
-    "edm2": {"mp": True, "beta2": 0.99, "weight_decay": 0.0, "lr_schedule": "inv_sqrt"},
+    # (unit-RMS weight rows make the lr a relative step: it needs to be ~15x GPT-2's 6e-4, as EDM2's 1e-2)
+    "edm2": {"mp": True, "beta2": 0.99, "weight_decay": 0.0, "lr_schedule": "inv_sqrt", "max_lr": 1e-2},
     "gpt-oss": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "n_kv_head": 4, "window": 128, "sinks": True,
                 "moe_experts": 8, "moe_topk": 2, "tie_embeddings": False},
 }
@@ -627,6 +628,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
             sigma_rel_to_gamma(s)  # checks the range
     except ValueError as e:
         fail(f"--ema_stds {cfg.ema_stds}: {e}")
+    if bool(ema_stds) != bool(cfg.ema_snapshot_every):
+        fail("post-hoc EMA needs both --ema_stds (what to track) and --ema_snapshot_every (how often to save it)")
     # every rank has the same weights: rank 0 alone averages and saves them
     ema = PowerEMA(raw_model, ema_stds) if ema_stds and master else None
     ema_dir = os.path.join(ckpt_dir, "ema")
@@ -658,23 +661,24 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
             scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        # checked on every rank (each read the checkpoint), so no rank is left waiting for another
+        saved_stds = ckpt["ema"]["sigma_rels"] if ckpt.get("ema") else []
+        if saved_stds != ema_stds:
+            fail(f"the checkpoint's post-hoc EMAs are for --ema_stds {','.join(map(str, saved_stds)) or '(none)'}; "
+                 f"resume with the same, or start a new --run_name")
         if ema:
-            if not ckpt.get("ema"):
-                fail(f"{ckpt_path} has no EMA to continue (the run started without --ema_stds); "
-                     f"start a new --run_name to use post-hoc EMA")
-            try:
-                ema.load_state_dict(ckpt["ema"])
-            except ValueError as e:
-                fail(f"--ema_stds: {e}")
-            for step, path in list_snapshots(ema_dir):  # a rewind: snapshots from the discarded future
-                if step > ckpt["step"]:
-                    os.remove(path)
+            ema.load_state_dict(ckpt["ema"])
         start_step, evals = ckpt["step"], ckpt["evals"]
         del ckpt
         log(f"resumed from {ckpt_path} at step {start_step}"
             + "".join(f"\n  {k} changed: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
         runlog.event("resume", step=start_step, checkpoint=ckpt_path, world_size=world_size,
                      changed={k: list(v) for k, v in changes.items()})
+
+    if master:  # snapshots past the start belong to a discarded future (a rewind, or a start over)
+        for step, path in list_snapshots(ema_dir):
+            if step > start_step:
+                os.remove(path)
 
     model = torch.compile(raw_model) if use_compile else raw_model
     if world_size > 1:

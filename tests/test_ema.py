@@ -79,18 +79,22 @@ def test_reconstruction_from_snapshots(tmp_path):
     assert [s for s, _ in snaps] == list(range(50, 2001, 50))
     spread = walk[steps // 2:].std()
     for sigma in (0.05, 0.07, 0.10, 0.15):
-        rebuilt = ema.reconstruct(snaps, sigma)["w"].double().numpy()
+        rebuilt = ema.reconstruct(snaps, [sigma])[0]["w"].double().numpy()
         exact = exact_power_average(list(walk), sigma)
         assert np.abs(rebuilt - exact).max() < 0.02 * spread, sigma
-    torch.testing.assert_close(ema.reconstruct(snaps, 0.10)["w"], tracker.averages[1]["w"], rtol=0, atol=0.01 * spread)
+    torch.testing.assert_close(ema.reconstruct(snaps, [0.10])[0]["w"], tracker.averages[1]["w"], rtol=0,
+                               atol=0.01 * spread)
     # as of an earlier step, only the snapshots up to it are used
-    early = ema.reconstruct(snaps, 0.07, at_step=1000)["w"].double().numpy()
+    early = ema.reconstruct(snaps, [0.07], at_step=1000)[0]["w"].double().numpy()
     assert np.abs(early - exact_power_average(list(walk[:1000]), 0.07)).max() < 0.02 * spread
+    with pytest.raises(ValueError, match="no EMA snapshot"):  # between snapshots: would extrapolate
+        ema.reconstruct(snaps, [0.07], at_step=1010)
 
 
-def test_coefficients_keep_constants():
-    X = ema.solve_coefficients([100, 100, 200, 200], [0.05, 0.1, 0.05, 0.1], [200, 150], [0.07, 0.2])
-    np.testing.assert_allclose(X.sum(axis=0), [1.0, 1.0])
+def test_coefficients_pick_a_tracked_profile_out():
+    """Asking for exactly a tracked profile (σ 0.1 at step 200) puts all the weight on that snapshot."""
+    X = ema.solve_coefficients([100, 100, 200, 200], [0.05, 0.1, 0.05, 0.1], [200, 100], [0.1, 0.05])
+    np.testing.assert_allclose(X, [[0, 1], [0, 0], [0, 0], [1, 0]], atol=1e-8)
 
 
 def test_profile_inner_product_by_numerical_integration():
@@ -141,7 +145,15 @@ def test_training_snapshots_resume_exactly_and_the_cli_sweeps(small_shards, tmp_
     ema.main([str(ckpt), "--save", "0.1", "--device", "cpu"])
     model = hellaswag.load_model(str(ckpt / "ema_0.100.pt"), "cpu")
     torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight,
-                               ema.reconstruct(ema.list_snapshots(ckpt / "ema"), 0.1)["transformer.h.0.mlp.c_fc.weight"])
+                               ema.reconstruct(ema.list_snapshots(ckpt / "ema"), [0.1])[0]["transformer.h.0.mlp.c_fc.weight"])
+
+    # a rewind to step 3 with another learning rate: the old future's snapshots go
+    old4 = torch.load(ckpt / "ema" / "step_000004.pt", weights_only=True)["averages"][0]
+    run_inprocess(tiny_args(tmp_path, small_shards, "ref", *EMA_FLAGS[:4], "--max_steps", "6", "--max_lr", "1e-3",
+                            "--resume", str(ckpt / "step_000003.pt")))
+    assert [s for s, _ in ema.list_snapshots(ckpt / "ema")] == [4, 6]
+    new4 = torch.load(ckpt / "ema" / "step_000004.pt", weights_only=True)["averages"][0]
+    assert not torch.equal(new4["transformer.h.0.mlp.c_fc.weight"], old4["transformer.h.0.mlp.c_fc.weight"])
 
 
 def test_ema_bad_input(small_shards, tmp_path):
@@ -150,8 +162,10 @@ def test_ema_bad_input(small_shards, tmp_path):
     with pytest.raises(SystemExit, match="no EMA snapshots"):
         ema.main([str(tmp_path)])
     run_inprocess(tiny_args(tmp_path, small_shards, "plain", "--max_steps", "2", "--checkpoint_every", "1"))
-    with pytest.raises(SystemExit, match="no EMA to continue"):
-        run_inprocess(tiny_args(tmp_path, small_shards, "plain", "--max_steps", "4", *EMA_FLAGS[:2]))
+    with pytest.raises(SystemExit, match="EMAs are for --ema_stds \\(none\\)"):
+        run_inprocess(tiny_args(tmp_path, small_shards, "plain", "--max_steps", "4", *EMA_FLAGS[:4]))
+    with pytest.raises(SystemExit, match="needs both"):
+        run_inprocess(tiny_args(tmp_path, small_shards, "half", "--ema_stds", "0.1"))
     assert not os.path.exists(tmp_path / "ckpt" / "bad" / "ema")
 
 

@@ -150,3 +150,17 @@ def test_mp_compiled_equals_eager():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mp_under_bf16_autocast():
+    """Branches come back in bf16 while the stream is fp32: the sums must still work, and match fp32."""
+    torch.manual_seed(0)
+    model = GPT(mp_config(pos="rope"))
+    with torch.no_grad():
+        model.out_gain.fill_(0.5)
+    x = torch.randint(0, 64, (2, 32))
+    ref = model(x, x)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, x)[1]
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.02 and model.out_gain.grad is not None
