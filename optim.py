@@ -1,11 +1,19 @@
 """
 Optimizers beyond AdamW, chosen with train_gpt2.py --optimizer (SPEC-improvements.md, section C).
 
-muon: Muon (Keller Jordan 2024, as in modded-nanogpt) for the hidden matrices: SGD momentum with
-Nesterov, then the update is replaced by the nearest semi-orthogonal matrix (all singular values ~1)
-by 5 Newton–Schulz iterations, so every direction of the matrix moves by the same amount. Embeddings,
-the output layer, norm gains and biases stay on AdamW in the same optimizer object (one state_dict,
-one GradScaler step, one learning-rate schedule).
+What the hidden matrices (every ≥2-D weight in the blocks) use; embeddings, the output layer, norm
+gains and biases stay on AdamW in the same optimizer object (one state_dict, one GradScaler step,
+one learning-rate schedule). All three take SGD momentum with Nesterov first.
+
+muon: Muon (Keller Jordan 2024, as in modded-nanogpt): the update is replaced by the nearest
+    semi-orthogonal matrix (all singular values ~1) by 5 Newton–Schulz iterations, so every direction
+    of the matrix moves by the same amount.
+sphere: every weight row lives on the unit sphere (Bernstein, "Modular Manifolds", 2025): the update is
+    projected onto the sphere's tangent space (g − (g·w)w), normalised per row, stepped, and the row
+    renormalised, so each row turns by the learning rate (in radians) per step.
+manifold_muon: every weight matrix lives on the (scaled) Stiefel manifold, all singular values equal
+    (the same post): the steepest step under the spectral norm that stays in the tangent space, found by
+    a few steps of dual ascent, then a retraction by the matrix sign function.
 """
 
 import re
@@ -36,6 +44,79 @@ def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
     return X.to(G.dtype)
 
 
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): a different odd quintic per iteration, optimal for
+# mapping singular values in [ε, 1] to 1; divided by the paper's safety factor 1.01 (all but the last)
+POLAR_EXPRESS = [(8.28721201814563, -23.595886519098837, 17.300387312530933),
+                 (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+                 (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+                 (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+                 (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+                 (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+                 (1.8750014808534479, -1.2500016453999487, 0.3750001645474248)]
+POLAR_EXPRESS = [(a / 1.01, b / 1.01 ** 3, c / 1.01 ** 5) for a, b, c in POLAR_EXPRESS] + [(1.875, -1.25, 0.375)]
+
+
+def msign(G, steps=10):
+    """The matrix sign (orthogonal polar factor U·Vᵀ of G = U·S·Vᵀ) to fp32 precision: singular values
+    land within ~1e-3 of 1, unlike Muon's fast, rough Newton–Schulz. For manifold constraints."""
+    X = G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-12)
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+def stiefel_scale(shape):
+    """The singular value a manifold_muon matrix keeps: √max(1, rows/cols), so a unit-RMS input gives
+    unit-RMS outputs whether the matrix is wide (W·Wᵀ = I) or tall (Wᵀ·W = (rows/cols)·I)."""
+    return max(1.0, shape[-2] / shape[-1]) ** 0.5
+
+
+def sphere_step_(w, g, lr):
+    """Hyperspherical descent on each row of w (unit norm): the tangent part of g, as a unit vector,
+    times lr; then back onto the sphere."""
+    tangent = g - w * (w * g).sum(dim=-1, keepdim=True)
+    tangent = tangent / (tangent.norm(dim=-1, keepdim=True) + 1e-12)
+    w.sub_(lr * tangent)
+    w.div_(w.norm(dim=-1, keepdim=True))
+
+
+def manifold_muon_direction(Q, G, dual_steps, dual_lr=0.1):
+    """For Q on the Stiefel manifold (tall: QᵀQ = I): the A that maximises ⟨G, A⟩ with ‖A‖_spectral ≤ 1
+    and A in the tangent space (QᵀA + AᵀQ = 0). Its dual is solved by ascent on the symmetric
+    multiplier Λ, with A = msign(G + 2QΛ)."""
+    dual = -0.25 * (Q.mT @ G + G.mT @ Q)
+    for k in range(dual_steps):
+        A = msign(G + 2 * Q @ dual)
+        violation = Q.mT @ A + A.mT @ Q  # zero in the tangent space
+        dual = dual - dual_lr * (1 - k / dual_steps) * violation
+    return msign(G + 2 * Q @ dual)
+
+
+def manifold_muon_step_(w, g, lr, dual_steps):
+    """Manifold Muon on w = s·Q, Q on the Stiefel manifold: Q ← msign(Q − lr·A)."""
+    s = stiefel_scale(w.shape)
+    Q, G = w / s, g / (g.norm() / min(g.shape) ** 0.5 + 1e-12)  # G at unit scale: the dual lr is scale-free
+    tall = Q.size(-2) >= Q.size(-1)
+    if not tall:
+        Q, G = Q.mT, G.mT
+    Q = msign(Q - lr * manifold_muon_direction(Q, G, dual_steps))
+    w.copy_(s * (Q if tall else Q.mT))
+
+
+def project_(p, kind):
+    """Put a matrix on its manifold (unit-norm rows, or the scaled Stiefel manifold)."""
+    if kind == "sphere":
+        p.div_(p.norm(dim=-1, keepdim=True))
+    elif kind == "manifold_muon":
+        p.copy_(stiefel_scale(p.shape) * msign(p))
+
+
 def muon_scale(shape, kind):
     """Per-matrix update size. keller: √max(1, rows/cols), so tall matrices are not under-updated.
     moonlight (arXiv 2502.16982): 0.2·√max(rows, cols), which matches AdamW's typical update RMS so that
@@ -46,30 +127,39 @@ def muon_scale(shape, kind):
     return 0.2 * max(rows, cols) ** 0.5
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for groups with use_muon=True, AdamW for the rest.
+MATRIX_KINDS = ("muon", "sphere", "manifold_muon")
 
-    Under DDP every rank holds the same (all-reduced) gradients and momentum; the Newton–Schulz work is
-    split: matrix i is orthogonalised and applied by rank i % world_size and then broadcast, so its
-    cost per rank falls with the number of ranks. Momentum stays on every rank, so rank 0's
-    state_dict is the whole state and a checkpoint resumes on any number of ranks."""
 
-    def __init__(self, param_groups, lr, momentum=0.95, scale="keller", betas=(0.9, 0.95), eps=1e-8):
-        defaults = dict(lr=lr, weight_decay=0.0, use_muon=False, momentum=momentum, scale=scale,
-                        betas=betas, eps=eps)
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Each param group's "kind": muon, sphere or manifold_muon for matrices, adamw for the rest.
+
+    Under DDP every rank holds the same (all-reduced) gradients and momentum; the matrix work is split:
+    matrix i is updated by rank i % world_size and then broadcast, so its cost per rank falls with the
+    number of ranks. Momentum stays on every rank, so rank 0's state_dict is the whole state and a
+    checkpoint resumes on any number of ranks. sphere and manifold_muon matrices are put on their
+    manifold here, at construction (identically on every rank)."""
+
+    def __init__(self, param_groups, lr, momentum=0.95, scale="keller", betas=(0.9, 0.95), eps=1e-8,
+                 dual_steps=5):
+        defaults = dict(lr=lr, weight_decay=0.0, kind="adamw", momentum=momentum, scale=scale,
+                        betas=betas, eps=eps, dual_steps=dual_steps)
         super().__init__(param_groups, defaults)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    project_(p, group["kind"])
 
     @torch.no_grad()
     def step(self, closure=None):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon(group, rank, world)
+            if group["kind"] in MATRIX_KINDS:
+                self._matrices(group, rank, world)
             else:
                 self._adamw(group)
 
-    def _muon(self, group, rank, world):
+    def _matrices(self, group, rank, world):
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
         pending = []
         for i, p in enumerate(group["params"]):
@@ -80,13 +170,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 state["momentum"] = torch.zeros_like(p)
             buf = state["momentum"]
             buf.mul_(beta).add_(p.grad)
-            if i % world != rank:  # another rank orthogonalises this one and sends the result
+            if i % world != rank:  # another rank updates this one and sends the result
                 pending.append(dist.broadcast(p, src=i % world, async_op=True))
                 continue
             update = p.grad.add(buf, alpha=beta)  # Nesterov: look one momentum step ahead
-            update = newton_schulz(update) * muon_scale(p.shape, group["scale"])
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr)
+            if group["kind"] == "muon":
+                update = newton_schulz(update) * muon_scale(p.shape, group["scale"])
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
+            elif group["kind"] == "sphere":
+                sphere_step_(p, update, lr)
+            else:
+                manifold_muon_step_(p, update, lr, group["dual_steps"])
             if world > 1:
                 pending.append(dist.broadcast(p, src=rank, async_op=True))
         for work in pending:
@@ -120,25 +215,27 @@ def build_optimizer(model, cfg, device_type):
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw":
         return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, device_type, eps=cfg.eps)
-    if cfg.optimizer != "muon":
-        raise ValueError(f"--optimizer {cfg.optimizer}: choose adamw or muon")
+    if cfg.optimizer not in MATRIX_KINDS:
+        raise ValueError(f"--optimizer {cfg.optimizer}: choose adamw, {', '.join(MATRIX_KINDS)}")
     adam_groups = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, "cpu", eps=cfg.eps).param_groups
     named = list(model.named_parameters())
     muon = [p for n, p in named if hidden_matrix(n, p)]
     muon_ids = {id(p) for p in muon}
     fixed = {id(p) for p in model.normalized_params()}  # forced-normalised weights: no decay
-    moonlight = cfg.muon_scale == "moonlight"  # reuses AdamW's lr and weight decay
-    groups = [{"params": [p for p in muon if id(p) not in fixed], "use_muon": True,
-               "lr_mult": 1.0 if moonlight else cfg.muon_lr / cfg.max_lr,
+    if cfg.optimizer != "muon" and fixed:
+        raise ValueError(f"--optimizer {cfg.optimizer} puts the matrices on its own manifold: not with --mp")
+    moonlight = cfg.optimizer == "muon" and cfg.muon_scale == "moonlight"  # AdamW's lr and weight decay
+    lr_mult = 1.0 if moonlight else cfg.matrix_lr / cfg.max_lr
+    groups = [{"params": [p for p in muon if id(p) not in fixed], "kind": cfg.optimizer, "lr_mult": lr_mult,
                "weight_decay": cfg.weight_decay if moonlight else 0.0},
-              {"params": [p for p in muon if id(p) in fixed], "use_muon": True,
-               "lr_mult": 1.0 if moonlight else cfg.muon_lr / cfg.max_lr, "weight_decay": 0.0}]
+              {"params": [p for p in muon if id(p) in fixed], "kind": cfg.optimizer, "lr_mult": lr_mult,
+               "weight_decay": 0.0}]
     for g in adam_groups:
         groups.append({"params": [p for p in g["params"] if id(p) not in muon_ids],
-                       "weight_decay": g["weight_decay"], "use_muon": False, "lr_mult": 1.0})
+                       "weight_decay": g["weight_decay"], "kind": "adamw", "lr_mult": 1.0})
     groups = [g for g in groups if g["params"]]
-    return MuonWithAdamW(groups, lr=cfg.max_lr, momentum=cfg.muon_momentum, scale=cfg.muon_scale,
-                         betas=betas, eps=cfg.eps)
+    return MatrixOptimizer(groups, lr=cfg.max_lr, momentum=cfg.muon_momentum, scale=cfg.muon_scale,
+                           betas=betas, eps=cfg.eps, dual_steps=cfg.manifold_dual_steps)
 
 
 def describe(model, optimizer):
@@ -147,7 +244,7 @@ def describe(model, optimizer):
     names = {id(p): re.sub(r"\.\d+\.", ".*.", n) for n, p in model.named_parameters()}
     lines = []
     for g in optimizer.param_groups:
-        kind = "muon" if g.get("use_muon") else "adamw"
+        kind = g.get("kind", "adamw")
         tensors = sorted({names[id(p)] for p in g["params"]})
         count = sum(p.numel() for p in g["params"])
         lines.append(f"{kind} lr×{g.get('lr_mult', 1.0):g} wd {g['weight_decay']:g}: {count / 1e6:.2f}M params in "

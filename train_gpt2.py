@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from data import DataLoader, atomic_write, gpt2_tokenizer
 from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
-from optim import build_optimizer, describe
+from optim import MATRIX_KINDS, build_optimizer, describe
 from model import GPT, GPTConfig
 from plot import plot_runs
 
@@ -64,10 +64,11 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
-    optimizer: str = "adamw"  # adamw | muon (hidden matrices; the rest stays on AdamW): see optim.py
-    muon_lr: float = 0.02  # muon with --muon_scale keller: the matrices' lr (follows the schedule)
-    muon_momentum: float = 0.95
+    optimizer: str = "adamw"  # for the hidden matrices: adamw | muon | sphere | manifold_muon (optim.py)
+    matrix_lr: float = 0.02  # their peak lr (follows the schedule), except muon with --muon_scale moonlight
+    muon_momentum: float = 0.95  # momentum (Nesterov) of muon, sphere and manifold_muon
     muon_scale: str = "keller"  # keller: √max(1, rows/cols) | moonlight: 0.2·√max(rows, cols), AdamW's lr and decay
+    manifold_dual_steps: int = 5  # manifold_muon: dual-ascent iterations per step
     # evaluation, every N steps and at the end (0 = off)
     val_every: int = 250
     val_steps: int = 20  # batches of total_batch_size tokens from the start of the val shard
@@ -617,9 +618,13 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     raw_model = GPT(model_cfg).to(device)
-    if cfg.optimizer not in ("adamw", "muon") or cfg.muon_scale not in ("keller", "moonlight"):
-        fail(f"--optimizer {cfg.optimizer} --muon_scale {cfg.muon_scale}: choose adamw or muon, keller or moonlight")
-    optimizer = build_optimizer(raw_model, cfg, device_type)
+    if cfg.optimizer not in ("adamw", *MATRIX_KINDS) or cfg.muon_scale not in ("keller", "moonlight"):
+        fail(f"--optimizer {cfg.optimizer} --muon_scale {cfg.muon_scale}: choose one of adamw, "
+             f"{', '.join(MATRIX_KINDS)}, and keller or moonlight")
+    try:
+        optimizer = build_optimizer(raw_model, cfg, device_type)
+    except ValueError as e:
+        fail(str(e))
     # fp16 needs loss scaling against underflow; for bf16/fp32 the scaler is a no-op
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     try:

@@ -1,19 +1,22 @@
-"""Run by test_optim.py under torchrun: Muon steps on identical gradients on every rank, with the
-Newton–Schulz work split across ranks; rank 0 saves the result to compare with one process."""
+"""Run by test_optim.py under torchrun: Muon, sphere and manifold-Muon steps on identical gradients on
+every rank, with the matrix work split across ranks; rank 0 saves the result to compare with one process."""
 
 import sys
 
 import torch
 import torch.distributed as dist
 
-from optim import MuonWithAdamW
+from optim import MatrixOptimizer
 
 
 def run(out=None):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(16, 32), (48, 16), (8, 8), (32, 32), (5,)]]
-    opt = MuonWithAdamW([{"params": params[:4], "use_muon": True, "weight_decay": 0.1},
-                         {"params": params[4:]}], lr=0.05)
+    params.append(torch.nn.Parameter(torch.randn(24, 8)))
+    params.append(torch.nn.Parameter(torch.randn(8, 24)))
+    opt = MatrixOptimizer([{"params": params[:4], "kind": "muon", "weight_decay": 0.1},
+                           {"params": params[5:6], "kind": "sphere"}, {"params": params[6:], "kind": "manifold_muon"},
+                           {"params": params[4:5]}], lr=0.05)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         for p in params:

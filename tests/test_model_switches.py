@@ -422,6 +422,10 @@ def test_switch_trains_and_resumes_exactly(small_shards, tmp_path, switch):
     run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common, "--checkpoint_every", "3"))
     losses = {e["step"]: e["loss"] for e in events(tmp_path / "logs" / "ref", "train")}
     assert losses[7] < losses[0] - 0.5  # it learns
+    if "--moe_experts" in switch:  # the load-balance metric: each layer's expert shares sum to 1
+        last = events(tmp_path / "logs" / "ref", "train")[-1]
+        assert len(last["moe_load"]) == 2 and all(sum(layer) == pytest.approx(1) for layer in last["moe_load"])
+        assert last["moe_max_load"] == pytest.approx(max(max(layer) for layer in last["moe_load"]) * 4)
     run_inprocess(tiny_args(tmp_path, small_shards, "resumed", *common,
                             "--resume", str(tmp_path / "ckpt" / "ref" / "step_000003.pt")))
     assert_same_run(tmp_path / "logs" / "ref", tmp_path / "logs" / "resumed", 3)

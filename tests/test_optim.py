@@ -4,7 +4,7 @@ through training: DDP, checkpoint → resume, param groups."""
 import pytest
 import torch
 
-from optim import MuonWithAdamW, describe, muon_scale, newton_schulz
+from optim import MatrixOptimizer, describe, manifold_muon_direction, msign, muon_scale, newton_schulz, stiefel_scale
 from test_resume import assert_same_run, assert_same_weights
 from test_train_gpt2 import ROOT, losses_by_step, run_inprocess, tiny_args, torchrun
 
@@ -41,7 +41,7 @@ def test_adamw_half_equals_torch_adamw():
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    ours = MuonWithAdamW([{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]]}], lr=1e-2, betas=(0.9, 0.95))
+    ours = MatrixOptimizer([{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]]}], lr=1e-2, betas=(0.9, 0.95))
     ref = torch.optim.AdamW([{"params": [b[0]], "weight_decay": 0.1}, {"params": [b[1]], "weight_decay": 0.0}],
                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     for _ in range(5):
@@ -60,7 +60,7 @@ def test_muon_step_by_hand():
     torch.manual_seed(0)
     w0 = torch.randn(48, 16)
     p = torch.nn.Parameter(w0.clone())
-    opt = MuonWithAdamW([{"params": [p], "use_muon": True}], lr=0.1, momentum=0.9)
+    opt = MatrixOptimizer([{"params": [p], "kind": "muon"}], lr=0.1, momentum=0.9)
     g1, g2 = torch.randn(48, 16), torch.randn(48, 16)
     p.grad = g1
     opt.step()
@@ -75,7 +75,66 @@ def test_muon_step_by_hand():
     assert (step2 * (U @ Vh)).sum() / (step2.norm() * (U @ Vh).norm()) > 0.95
 
 
-MUON = ["--optimizer", "muon", "--muon_lr", "0.05"]
+MUON = ["--optimizer", "muon", "--matrix_lr", "0.05"]
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (64, 64)])
+def test_msign_singular_values_are_one(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if shape[0] == shape[1]:  # a square Gaussian has singular values near 0; a retraction sees near-orthogonal ones
+        G = msign(G) + 0.3 * G / shape[0] ** 0.5
+    s = torch.linalg.svdvals(msign(G))
+    assert (s - 1).abs().max() < 2e-3, (s.min(), s.max())
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    torch.testing.assert_close(msign(G), U @ Vh, atol=5e-3, rtol=0)
+
+
+def fit(kind, W0, target, steps=60, lr=0.05):
+    """Least squares towards `target` with one matrix on `kind`'s manifold; returns (W, first, last loss)."""
+    X = torch.randn(W0.size(1), 256, generator=torch.Generator().manual_seed(1))
+    W = torch.nn.Parameter(W0.clone())
+    opt = MatrixOptimizer([{"params": [W], "kind": kind}], lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        loss = ((W @ X - target @ X) ** 2).mean()
+        losses.append(loss.item())
+        W.grad = torch.autograd.grad(loss, W)[0]
+        opt.step()
+    return W.detach(), losses[0], losses[-1]
+
+
+def test_sphere_keeps_unit_rows_and_learns():
+    g = torch.Generator().manual_seed(0)
+    target = torch.nn.functional.normalize(torch.randn(16, 32, generator=g), dim=1)
+    W, first, last = fit("sphere", torch.randn(16, 32, generator=g), target)
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(16))
+    assert last < 0.05 * first
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_manifold_muon_keeps_singular_values_and_learns(shape):
+    g = torch.Generator().manual_seed(0)
+    s = stiefel_scale(shape)
+    target = s * msign(torch.randn(*shape, generator=g))
+    W, first, last = fit("manifold_muon", torch.randn(*shape, generator=g), target)
+    sv = torch.linalg.svdvals(W)
+    assert (sv / s - 1).abs().max() < 5e-3, sv
+    assert last < 0.1 * first
+
+
+def test_manifold_muon_dual_ascent_moves_towards_the_tangent_space():
+    """The step's violation of the tangent condition QᵀA + AᵀQ = 0 shrinks with dual steps, while it
+    still points along the gradient."""
+    g = torch.Generator().manual_seed(0)
+    Q = msign(torch.randn(48, 16, generator=g))
+    G = torch.randn(48, 16, generator=g)
+    G = G / (G.norm() / 4)
+    violations = []
+    for steps in (0, 5, 50):
+        A = manifold_muon_direction(Q, G, steps)
+        violations.append((Q.T @ A + A.T @ Q).norm().item())
+        assert (G * A).sum() > 0
+    assert violations[2] < violations[1] < violations[0]
 
 
 def test_muon_trains_resumes_and_prints_its_groups(small_shards, tmp_path, capsys):
@@ -95,9 +154,9 @@ def test_muon_trains_resumes_and_prints_its_groups(small_shards, tmp_path, capsy
         run_inprocess(tiny_args(tmp_path, small_shards, "ref", "--max_steps", "10"))
 
 
-def test_muon_split_across_ranks_is_exact(tmp_path):
-    """Identical gradients on 3 ranks: the orthogonalisations are split and broadcast, and every rank
-    ends with exactly the weights one process computes."""
+def test_matrix_work_split_across_ranks_is_exact(tmp_path):
+    """Identical gradients on 3 ranks: the muon/sphere/manifold_muon updates are split and broadcast,
+    and every rank ends with exactly the weights one process computes."""
     import os
     import subprocess
     import sys
@@ -124,6 +183,27 @@ def test_muon_ddp_matches_single_process(small_shards, tmp_path):
     # (the weights are not compared: Newton–Schulz maps even tiny singular values to ~1, so the
     # all-reduce's last-bit differences grow into percent-level ones in weak directions of the update;
     # test_muon_split_across_ranks_is_exact shows the split itself is exact)
+
+
+@pytest.mark.parametrize("kind", ["sphere", "manifold_muon"])
+def test_manifold_optimizers_train_and_resume(small_shards, tmp_path, kind):
+    common = ["--optimizer", kind, "--matrix_lr", "0.05", "--max_steps", "8", "--val_every", "4",
+              "--keep_checkpoints", "0", "--max_lr", "1e-2"]
+    run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common, "--checkpoint_every", "3"))
+    losses = losses_by_step(tmp_path / "logs" / "ref")
+    assert losses[7] < losses[0] - 0.5
+    run_inprocess(tiny_args(tmp_path, small_shards, "resumed", *common,
+                            "--resume", str(tmp_path / "ckpt" / "ref" / "step_000003.pt")))
+    assert_same_run(tmp_path / "logs" / "ref", tmp_path / "logs" / "resumed", 3)
+    assert_same_weights(tmp_path / "ckpt" / "ref", tmp_path / "ckpt" / "resumed")
+    w = torch.load(tmp_path / "ckpt" / "ref" / "step_000008.pt", weights_only=True)["model"]["transformer.h.1.mlp.c_fc.weight"]
+    if kind == "sphere":
+        torch.testing.assert_close(w.norm(dim=1), torch.ones(w.size(0)))
+    else:
+        sv = torch.linalg.svdvals(w)
+        assert (sv / stiefel_scale(w.shape) - 1).abs().max() < 5e-3
+    with pytest.raises(SystemExit, match="not with --mp"):
+        run_inprocess(tiny_args(tmp_path, small_shards, "mp", "--optimizer", kind, "--mp"))
 
 
 def test_describe_lists_every_parameter_once():
