@@ -48,6 +48,8 @@ class GPTConfig:
     # EDM2 switch: magnitude-preserving layers instead of norm layers (see MPLinear and Block)
     mp: bool = False
     mp_t: float = 0.3  # residual blend: x <- mp_sum(x, f(x), t) (EDM2's res_balance)
+    # nGPT switch: the normalised transformer, every vector and weight row on the unit sphere (see Block)
+    ngpt: bool = False
     tie_embeddings: bool = True  # GPT-2 shares wte with the output layer; gpt-oss does not
 
     def __post_init__(self):
@@ -74,6 +76,10 @@ class GPTConfig:
         if self.mp and (self.norm, self.mlp, self.moe_experts, self.sinks) != ("layernorm", "gelu", 0, False):
             raise ValueError("mp replaces the norm layers and the MLP's activation, and normalises every head's "
                              "output (which would undo a sink): leave --norm, --mlp, --moe_experts, --sinks off")
+        if self.ngpt and ((self.pos, self.norm, self.mlp, self.mp, self.moe_experts, self.sinks) !=
+                          ("rope", "layernorm", "gelu", False, 0, False)):
+            raise ValueError("ngpt brings its own norms and gated MLP and has no position embedding: use it with "
+                             "--pos rope, without --norm, --mlp, --mp, --moe_experts or --sinks")
         if self.moe_experts and self.expert_hidden % 8:
             raise ValueError(f"expert hidden size {self.expert_hidden} must be a multiple of 8 (grouped matmul "
                              f"alignment): set --mlp_hidden")
@@ -96,8 +102,8 @@ class GPTConfig:
     def is_gpt2(self):
         """Whether every switch is GPT-2's: only then do the weights fit Hugging Face's GPT2LMHeadModel."""
         return (self.norm, self.pos, self.mlp, self.mlp_hidden, self.kv_heads, self.qkv_bias, self.window,
-                self.sinks, self.moe_experts, self.mp, self.tie_embeddings) == \
-            ("layernorm", "learned", "gelu", 0, self.n_head, True, 0, False, 0, False, True)
+                self.sinks, self.moe_experts, self.mp, self.ngpt, self.tie_embeddings) == \
+            ("layernorm", "learned", "gelu", 0, self.n_head, True, 0, False, 0, False, False, True)
 
 
 class RMSNorm(nn.Module):
@@ -115,6 +121,8 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
+    if config.ngpt:  # the block normalises explicitly
+        return nn.Identity()
     if config.mp:  # no learned norm: a parameter-free rescale to unit RMS (EDM2's "pixel norm")
         return UnitRMS()
     return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd)
@@ -161,7 +169,29 @@ class UnitRMS(nn.Module):
 
 
 def make_linear(config, fan_in, fan_out, bias=True):
-    return MPLinear(fan_in, fan_out) if config.mp else nn.Linear(fan_in, fan_out, bias=bias)
+    if config.mp:
+        return MPLinear(fan_in, fan_out)
+    return nn.Linear(fan_in, fan_out, bias=bias and not config.ngpt)  # nGPT has no biases
+
+
+# ---- nGPT's pieces (Loshchilov et al. 2024, arXiv 2410.01131) ----
+
+def unit(x, dim=-1):
+    """x scaled to unit L2 norm along dim (nGPT's Norm)."""
+    return x / x.norm(dim=dim, keepdim=True, dtype=torch.float32).clamp_min(1e-6).to(x.dtype)
+
+
+class ScaledVector(nn.Module):
+    """A learned vector that starts at `init` but is stored as `scale`·(value/init): Adam moves a stored
+    number by ~lr a step, so `scale` sets how fast the value itself learns (nGPT's s_init / s_scale)."""
+
+    def __init__(self, dim, init, scale):
+        super().__init__()
+        self.ratio = init / scale
+        self.param = nn.Parameter(torch.full((dim,), float(scale)))
+
+    def forward(self):
+        return self.param * self.ratio
 
 
 def rope_cache(head_dim, max_len, theta, scaling=1.0):
@@ -264,6 +294,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = make_linear(config, config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
         self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.sinks else None
+        self.s_qk = ScaledVector(self.head_dim, 1.0, config.n_embd ** -0.5) if config.ngpt else None
         if config.pos == "rope":  # buffers, not parameters: recomputed, never saved
             cos, sin = rope_cache(self.head_dim, config.block_size, config.rope_theta, config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -281,6 +312,11 @@ class CausalSelfAttention(nn.Module):
             q, k = normalize(q), normalize(k)
         if self.rope_cos is not None:
             q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+        if self.s_qk is not None:
+            # nGPT: q·k is a cosine, times s_qk² and the softmax scale √head_dim (not 1/√head_dim): q is
+            # multiplied by head_dim, and attention's own 1/√head_dim leaves √head_dim
+            s_qk = self.s_qk()
+            q, k = unit(q) * (s_qk * self.head_dim), unit(k) * s_qk
         # a window of T or more hides nothing: use the plain causal (flash) path
         window = self.window if self.window < T else 0
         impl = self.attn_impl
@@ -304,7 +340,14 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        hidden = config.mlp_hidden or (8 * config.n_embd // 3 if self.swiglu else 4 * config.n_embd)
+        self.ngpt = config.ngpt
+        hidden = config.mlp_hidden or (8 * config.n_embd // 3 if self.swiglu or self.ngpt else 4 * config.n_embd)
+        if self.ngpt:  # a SiLU-gated MLP whose two branches have learned scales; the gate's also ×√n_embd
+            self.c_fc = make_linear(config, config.n_embd, 2 * hidden)
+            self.c_proj = make_linear(config, hidden, config.n_embd)
+            self.s_u, self.s_v = ScaledVector(hidden, 1.0, 1.0), ScaledVector(hidden, 1.0, 1.0)
+            self.gate_scale = config.n_embd ** 0.5
+            return
         # swiglu: gate and up projections from one matmul, interleaved (gate = even columns, up = odd)
         self.c_fc = make_linear(config, config.n_embd, 2 * hidden if self.swiglu else hidden)
         # GPT-2 used GELU's tanh approximation ("gelu_new" in HF); mp uses EDM2's rescaled SiLU
@@ -314,6 +357,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
+        if self.ngpt:
+            u, v = h.chunk(2, dim=-1)
+            return self.c_proj(u * self.s_u() * F.silu(v * (self.s_v() * self.gate_scale)))
         return self.c_proj(clamped_swiglu(h) if self.swiglu else self.gelu(h))
 
 
@@ -372,8 +418,17 @@ class Block(nn.Module):
         self.ln_2 = nn.Identity() if config.mp else make_norm(config)
         self.mlp = MoE(config) if config.moe_experts else MLP(config)
         self.mp_t = config.mp_t if config.mp else None
+        if config.ngpt:  # per-dimension step sizes towards each branch's output ("eigen learning rates")
+            self.alpha_attn = ScaledVector(config.n_embd, 0.05, config.n_embd ** -0.5)
+            self.alpha_mlp = ScaledVector(config.n_embd, 0.05, config.n_embd ** -0.5)
+        self.ngpt = config.ngpt
 
     def forward(self, x):
+        if self.ngpt:
+            # nGPT: x is a point on the sphere; each branch's output, normalised, is a target point, and
+            # x moves a learned fraction alpha of the way there, back onto the sphere
+            x = unit(x + self.alpha_attn() * (unit(self.attn(x)) - x))
+            return unit(x + self.alpha_mlp() * (unit(self.mlp(x)) - x))
         if self.mp_t is not None:
             # EDM2's encoder block: the main path itself is brought to unit RMS (ln_1 is parameter-free
             # here), then every branch output and every sum is unit-RMS by construction. Without it,
@@ -412,7 +467,9 @@ class GPT(nn.Module):
             # moves a scalar ~lr a step, so it is stored divided by √n_embd (as nGPT stores its s_z):
             # otherwise the logits would stay near zero for hundreds of steps at language-model lrs
             self.out_gain = nn.Parameter(torch.zeros([]))
-            self.renormalize_()
+        if config.ngpt:  # nGPT's logit scale s_z, per vocabulary entry
+            self.s_z = ScaledVector(config.padded_vocab_size, 1.0, config.n_embd ** -0.5)
+        self.renormalize_()  # mp, ngpt: the constrained weights start on their sphere
 
     def _init_weights(self, module):
         # GPT-2 paper: scale the residual-path weights by 1/sqrt(N) for N residual adds (2 per block)
@@ -458,23 +515,36 @@ class GPT(nn.Module):
         if self.config.mp:
             w = normalize(self.lm_head.weight.float()) * self.out_gain  # gain·√n_embd / √fan_in
             return F.linear(x, w.to(x.dtype))[..., : self.config.vocab_size]
+        if self.config.ngpt:  # a cosine per vocabulary entry, times its learned scale
+            return (self.lm_head(x) * self.s_z())[..., : self.config.vocab_size]
         return self.lm_head(x)[..., : self.config.vocab_size]
 
+    def _constrained(self):
+        """[(weight, dim)]: what renormalize_ keeps at unit size along dim (mp and ngpt only)."""
+        embeddings = [self.transformer.wte.weight] + ([] if self.config.tie_embeddings else [self.lm_head.weight])
+        embeddings += [self.transformer.wpe.weight] if self.config.pos == "learned" else []
+        if self.config.mp:  # every fan-in row
+            return [(m.weight, -1) for m in self.modules() if isinstance(m, MPLinear)] + [(w, -1) for w in embeddings]
+        if self.config.ngpt:  # along the n_embd axis: rows of the matrices that read the stream, columns of those that write it
+            found = [(w, -1) for w in embeddings]
+            for block in self.transformer.h:
+                found += [(block.attn.c_attn.weight, -1), (block.attn.c_proj.weight, 0),
+                          (block.mlp.c_fc.weight, -1), (block.mlp.c_proj.weight, 0)]
+            return found
+        return []
+
     def normalized_params(self):
-        """The weights that forced weight normalisation keeps on unit-RMS rows (mp only)."""
-        if not self.config.mp:
-            return []
-        found = [m.weight for m in self.modules() if isinstance(m, MPLinear)]
-        found += [self.transformer.wte.weight] + ([] if self.config.tie_embeddings else [self.lm_head.weight])
-        return found + ([self.transformer.wpe.weight] if self.config.pos == "learned" else [])
+        """The weights kept at a fixed norm after every step (mp, ngpt): weight decay must skip them."""
+        return [w for w, _ in self._constrained()]
 
     @torch.no_grad()
     def renormalize_(self):
-        """Forced weight normalisation (EDM2): every MP weight back on unit-RMS rows. The training loop
-        runs it after each optimizer step, on the unwrapped model (outside torch.compile), identically
-        on every rank, so checkpoints hold normalised weights."""
-        for p in self.normalized_params():
-            p.copy_(normalize(p.float()))
+        """Forced weight normalisation: every mp weight back on unit-RMS rows (EDM2), every ngpt weight
+        and embedding back on unit L2 norm along n_embd (nGPT). The training loop runs it after each
+        optimizer step, on the unwrapped model (outside torch.compile), identically on every rank, so
+        checkpoints hold normalised weights. A no-op for the other models."""
+        for w, dim in self._constrained():
+            w.copy_(normalize(w.float()) if self.config.mp else unit(w.float(), dim))
 
     # ---- parameters, FLOPs, optimizer ----
 

@@ -223,7 +223,7 @@ def build_optimizer(model, cfg, device_type):
     muon_ids = {id(p) for p in muon}
     fixed = {id(p) for p in model.normalized_params()}  # forced-normalised weights: no decay
     if cfg.optimizer != "muon" and fixed:
-        raise ValueError(f"--optimizer {cfg.optimizer} puts the matrices on its own manifold: not with --mp")
+        raise ValueError(f"--optimizer {cfg.optimizer} puts the matrices on its own manifold: not with --mp or --ngpt, which normalise them")
     moonlight = cfg.optimizer == "muon" and cfg.muon_scale == "moonlight"  # AdamW's lr and weight decay
     lr_mult = 1.0 if moonlight else cfg.matrix_lr / cfg.max_lr
     groups = [{"params": [p for p in muon if id(p) not in fixed], "kind": cfg.optimizer, "lr_mult": lr_mult,

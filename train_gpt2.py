@@ -110,6 +110,8 @@ PRESETS = {
     # EDM2's magnitude-preserving network with the optimizer settings that go with it (section B)
     # (unit-RMS weight rows make the lr a relative step: it needs to be ~15x GPT-2's 6e-4, as EDM2's 1e-2)
     "edm2": {"mp": True, "beta2": 0.99, "weight_decay": 0.0, "lr_schedule": "inv_sqrt", "max_lr": 1e-2},
+    # nGPT as its paper trains it: rope, untied embeddings, no weight decay, no warmup (section C)
+    "ngpt": {"ngpt": True, "pos": "rope", "tie_embeddings": False, "weight_decay": 0.0, "warmup_steps": 0},
     "gpt-oss": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "n_kv_head": 4, "window": 128, "sinks": True,
                 "moe_experts": 8, "moe_topk": 2, "tie_embeddings": False},
 }

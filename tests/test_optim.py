@@ -202,7 +202,7 @@ def test_manifold_optimizers_train_and_resume(small_shards, tmp_path, kind):
     else:
         sv = torch.linalg.svdvals(w)
         assert (sv / stiefel_scale(w.shape) - 1).abs().max() < 5e-3
-    with pytest.raises(SystemExit, match="not with --mp"):
+    with pytest.raises(SystemExit, match="not with --mp or --ngpt"):
         run_inprocess(tiny_args(tmp_path, small_shards, "mp", "--optimizer", kind, "--mp"))
 
 
