@@ -382,6 +382,7 @@ class MoE(nn.Module):
         self.w_fc = nn.Parameter(torch.empty(E, C, 2 * hidden))  # gate/up interleaved, as in MLP
         self.fc_bias = nn.Parameter(torch.zeros(E, 2 * hidden))
         self.w_proj = nn.Parameter(torch.empty(E, hidden, C))
+        self.w_fc.IN_OUT = self.w_proj.IN_OUT = True  # transposed from nn.Linear's (out, in): see optim.py
         self.proj_bias = nn.Parameter(torch.zeros(E, C))
         self.register_buffer("load", torch.zeros(E), persistent=False)
         self.aux_loss = None

@@ -101,7 +101,8 @@ def manifold_muon_direction(Q, G, dual_steps, dual_lr=0.1):
 def manifold_muon_step_(w, g, lr, dual_steps):
     """Manifold Muon on w = s·Q, Q on the Stiefel manifold: Q ← msign(Q − lr·A)."""
     s = stiefel_scale(w.shape)
-    Q, G = w / s, g / (g.norm() / min(g.shape) ** 0.5 + 1e-12)  # G at unit scale: the dual lr is scale-free
+    # each matrix's G at unit scale (a batch of experts: each its own), so the dual lr is scale-free
+    Q, G = w / s, g / (g.norm(dim=(-2, -1), keepdim=True) / min(g.shape[-2:]) ** 0.5 + 1e-12)
     tall = Q.size(-2) >= Q.size(-1)
     if not tall:
         Q, G = Q.mT, G.mT
@@ -113,8 +114,8 @@ def project_(p, kind):
     """Put a matrix on its manifold (unit-norm rows, or the scaled Stiefel manifold)."""
     if kind == "sphere":
         p.div_(p.norm(dim=-1, keepdim=True))
-    elif kind == "manifold_muon":
-        p.copy_(stiefel_scale(p.shape) * msign(p))
+    elif kind == "manifold_muon":  # more iterations than a step's: a random init has small singular values
+        p.copy_(stiefel_scale(p.shape) * msign(p, steps=16))
 
 
 def muon_scale(shape, kind):
@@ -128,6 +129,11 @@ def muon_scale(shape, kind):
 
 
 MATRIX_KINDS = ("muon", "sphere", "manifold_muon")
+
+
+def as_out_in(t, p):
+    """nn.Linear's (out, in) view of t, a weight p or its update: experts' weights are (experts, in, out)."""
+    return t.mT if getattr(p, "IN_OUT", False) else t
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
@@ -147,22 +153,30 @@ class MatrixOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for group in self.param_groups:
                 for p in group["params"]:
-                    project_(p, group["kind"])
+                    project_(as_out_in(p, p), group["kind"])
 
     @torch.no_grad()
     def step(self, closure=None):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        owners = self.owners(world)
         for group in self.param_groups:
             if group["kind"] in MATRIX_KINDS:
-                self._matrices(group, rank, world)
+                self._matrices(group, rank, world, owners)
             else:
                 self._adamw(group)
 
-    def _matrices(self, group, rank, world):
+    def owners(self, world):
+        """{param: rank that updates it}: the biggest matrices first, dealt round-robin, so ranks get
+        similar work; the same on every rank (it depends on shapes and order only)."""
+        matrices = [p for g in self.param_groups if g["kind"] in MATRIX_KINDS for p in g["params"]]
+        ranked = sorted(range(len(matrices)), key=lambda i: -matrices[i].numel())  # stable: ties keep order
+        return {matrices[i]: n % world for n, i in enumerate(ranked)}
+
+    def _matrices(self, group, rank, world, owners):
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
         pending = []
-        for i, p in enumerate(group["params"]):
+        for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
@@ -170,18 +184,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 state["momentum"] = torch.zeros_like(p)
             buf = state["momentum"]
             buf.mul_(beta).add_(p.grad)
-            if i % world != rank:  # another rank updates this one and sends the result
-                pending.append(dist.broadcast(p, src=i % world, async_op=True))
+            if owners[p] != rank:  # another rank updates this one and sends the result
+                pending.append(dist.broadcast(p, src=owners[p], async_op=True))
                 continue
-            update = p.grad.add(buf, alpha=beta)  # Nesterov: look one momentum step ahead
+            update = as_out_in(p.grad.add(buf, alpha=beta), p)  # Nesterov: look one momentum step ahead
+            w = as_out_in(p, p)  # a view: the in-place steps below write into p
             if group["kind"] == "muon":
-                update = newton_schulz(update) * muon_scale(p.shape, group["scale"])
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr)
+                update = newton_schulz(update) * muon_scale(w.shape, group["scale"])
+                w.mul_(1 - lr * wd)
+                w.add_(update, alpha=-lr)
             elif group["kind"] == "sphere":
-                sphere_step_(p, update, lr)
+                sphere_step_(w, update, lr)
             else:
-                manifold_muon_step_(p, update, lr, group["dual_steps"])
+                manifold_muon_step_(w, update, lr, group["dual_steps"])
             if world > 1:
                 pending.append(dist.broadcast(p, src=rank, async_op=True))
         for work in pending:
@@ -206,8 +221,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
 
 def hidden_matrix(name, p):
-    """Muon's share: every ≥2-D weight inside the transformer blocks (not embeddings or the head)."""
-    return name.startswith("transformer.h.") and p.dim() >= 2 and not name.endswith("bias")
+    """Muon's share: every ≥2-D weight inside the transformer blocks (not embeddings, the head, or a
+    mixture of experts' router, whose rows are per-expert scores rather than a layer's map)."""
+    return (name.startswith("transformer.h.") and p.dim() >= 2 and not name.endswith("bias")
+            and ".router." not in name)
 
 
 def build_optimizer(model, cfg, device_type):

@@ -663,7 +663,10 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
             fail(f"{ckpt_path} is at step {ckpt['step']}, beyond --max_steps {cfg.max_steps}; raise --max_steps, "
                  f"or resume from an earlier checkpoint with --resume PATH")
         raw_model.load_state_dict(ckpt["model"])
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, now in zip(optimizer.param_groups, settings):  # the state is restored, the settings
+            group.update(now)  # (lr, betas, weight decay...) are this command's: a changed flag takes effect
         if ckpt["scaler"]:  # empty when saved without fp16 loss scaling
             scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])

@@ -182,7 +182,7 @@ def test_muon_ddp_matches_single_process(small_shards, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-4), step
     # (the weights are not compared: Newton–Schulz maps even tiny singular values to ~1, so the
     # all-reduce's last-bit differences grow into percent-level ones in weak directions of the update;
-    # test_muon_split_across_ranks_is_exact shows the split itself is exact)
+    # test_matrix_work_split_across_ranks_is_exact shows the split itself is exact)
 
 
 @pytest.mark.parametrize("kind", ["sphere", "manifold_muon"])
@@ -218,3 +218,45 @@ def test_describe_lists_every_parameter_once():
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
     assert len(describe(model, opt)) == len(opt.param_groups)
+
+
+@pytest.mark.parametrize("kind", ["muon", "sphere", "manifold_muon"])
+def test_expert_weights_are_treated_as_in_out(kind):
+    """MoE experts store (experts, in, out): a matrix optimizer must see each expert as nn.Linear's
+    (out, in), so sphere normalises fan-in rows and manifold_muon's scale follows rows/cols."""
+    from model import GPT, GPTConfig
+    from train_gpt2 import parse_args
+
+    cfg = parse_args(["--optimizer", kind])[0]
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32, mlp="swiglu",
+                          moe_experts=4, moe_topk=2, mlp_hidden=40))
+    from optim import build_optimizer
+
+    opt = build_optimizer(model, cfg, "cpu")
+    moe = model.transformer.h[0].mlp
+    assert not any(p is moe.router.weight for g in opt.param_groups if g["kind"] != "adamw" for p in g["params"])
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    x = torch.randn(4096, 32)
+    for w in (moe.w_fc, moe.w_proj):  # per expert, used as x @ w
+        w = w.detach()
+        if kind == "sphere":  # unit fan-in rows: columns of the stored (in, out) slices
+            torch.testing.assert_close(w.norm(dim=1), torch.ones(4, w.size(2)))
+        elif kind == "manifold_muon":  # unit-RMS outputs for unit-RMS inputs, as a dense layer
+            xin = torch.randn(4096, w.size(1))
+            for e in range(4):
+                assert (xin @ w[e]).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=0.05)
+    del x
+
+
+def test_resume_uses_this_commands_optimizer_settings(small_shards, tmp_path):
+    common = ["--optimizer", "muon", "--max_steps", "4", "--val_every", "0", "--keep_checkpoints", "0"]
+    run_inprocess(tiny_args(tmp_path, small_shards, "r", *common, "--checkpoint_every", "2"))
+    run_inprocess(tiny_args(tmp_path, small_shards, "r", *common[:-2], "--max_steps", "6", "--muon_momentum", "0.8",
+                            "--weight_decay", "0.05", "--keep_checkpoints", "0"))
+    state = torch.load(tmp_path / "ckpt" / "r" / "step_000006.pt", weights_only=True)["optimizer"]
+    kinds = {g["kind"]: g for g in state["param_groups"]}
+    assert kinds["muon"]["momentum"] == 0.8
+    assert sorted(g["weight_decay"] for g in state["param_groups"] if g["kind"] == "adamw") == [0.0, 0.05]
