@@ -40,7 +40,7 @@ class GPTConfig:
     window: int = 0  # sliding-window attention: a query sees only the last `window` tokens (0: all)
     window_every: int = 2  # layer i is windowed when i % window_every == 0 (gpt-oss: even layers)
     sinks: bool = False  # a learned extra softmax logit per head that can absorb attention
-    attn_impl: str = "auto"  # auto: flex on CUDA for windows/sinks, else sdpa | sdpa | flex | reference
+    attn_impl: str = "sdpa"  # sdpa (every device) | flex (FlexAttention, CUDA training) | reference
     moe_experts: int = 0  # 0: a dense MLP; more: a mixture of SwiGLU experts
     moe_topk: int = 4  # experts per token (gpt-oss: 4 of 32)
     moe_aux_loss: float = 0.0  # weight of the Switch-Transformer load-balance loss (gpt-oss: none)
@@ -54,7 +54,7 @@ class GPTConfig:
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu"),
-                   "attn_impl": ("auto", "sdpa", "flex", "reference")}
+                   "attn_impl": ("sdpa", "flex", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -319,10 +319,7 @@ class CausalSelfAttention(nn.Module):
             q, k = unit(q) * (s_qk * self.head_dim), unit(k) * s_qk
         # a window of T or more hides nothing: use the plain causal (flash) path
         window = self.window if self.window < T else 0
-        impl = self.attn_impl
-        if impl == "auto":  # SDPA has no fused kernel for a band or a sink: FlexAttention does, on GPUs
-            impl = "flex" if q.is_cuda and (window or self.sinks is not None) else "sdpa"
-        y = ATTENTION[impl](q, k, v, window, self.sinks)
+        y = ATTENTION[self.attn_impl](q, k, v, window, self.sinks)
         if self.mp:  # an average of values is shorter than each of them: bring every head back to unit RMS
             y = normalize(y)
         y = y.transpose(1, 2).contiguous().view(B, T, C)

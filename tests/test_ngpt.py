@@ -89,3 +89,20 @@ def test_ngpt_preset():
     cfg, model_cfg = parse_args(["--preset", "ngpt"])
     assert model_cfg.ngpt and model_cfg.pos == "rope" and not model_cfg.tie_embeddings
     assert cfg.weight_decay == 0 and cfg.warmup_steps == 0
+
+
+def test_ngpt_compiled_and_bf16_equal_eager_fp32():
+    torch.manual_seed(0)
+    eager, compiled = GPT(ngpt_config(n_kv_head=1, window=8)), GPT(ngpt_config(n_kv_head=1, window=8))
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randint(0, 64, (2, 16))
+    loss_e = eager(x, x)[1]
+    loss_c = torch.compile(compiled, fullgraph=True)(x, x)[1]
+    loss_e.backward()
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16 = eager(x, x)[1]
+    assert abs(loss_bf16.item() - loss_e.item()) < 0.02
