@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, MPLinear, mp_silu, mp_sum, normalize
-from test_resume import assert_same_run, assert_same_weights
+from test_model_switches import assert_compiled_equals_eager
+from test_resume import train_and_resume_at_3
 from test_train_gpt2 import events, final_weights, losses_by_step, run_inprocess, tiny_args, torchrun
 from train_gpt2 import TrainConfig, get_lr, parse_args
 
@@ -113,11 +114,7 @@ def test_edm2_preset():
 def test_mp_resumes_exactly(small_shards, tmp_path):
     common = ["--preset", "edm2", "--pos", "rope", "--max_steps", "8", "--val_every", "4", "--keep_checkpoints", "0",
               "--max_lr", "1e-2"]
-    run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common, "--checkpoint_every", "3"))
-    run_inprocess(tiny_args(tmp_path, small_shards, "resumed", *common,
-                            "--resume", str(tmp_path / "ckpt" / "ref" / "step_000003.pt")))
-    assert_same_run(tmp_path / "logs" / "ref", tmp_path / "logs" / "resumed", 3)
-    assert_same_weights(tmp_path / "ckpt" / "ref", tmp_path / "ckpt" / "resumed")
+    train_and_resume_at_3(tmp_path, small_shards, *common)
 
 
 def test_mp_ddp_matches_single_process(small_shards, tmp_path):
@@ -141,15 +138,7 @@ def test_mp_compiled_equals_eager():
     eager, compiled = GPT(config), GPT(config)
     with torch.no_grad():
         eager.out_gain.fill_(0.5)  # gain 0 would zero every gradient but its own
-    compiled.load_state_dict(eager.state_dict())
-    x = torch.randint(0, 64, (2, 32))
-    loss_e = eager(x, x)[1]
-    loss_c = torch.compile(compiled, fullgraph=True)(x, x)[1]
-    loss_e.backward()
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_compiled_equals_eager(eager, compiled, torch.randint(0, 64, (2, 32)), grad_atol=1e-6)
 
 
 def test_mp_under_bf16_autocast():

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, ScaledVector
-from test_resume import assert_same_run, assert_same_weights
-from test_train_gpt2 import final_weights, losses_by_step, run_inprocess, tiny_args
+from test_model_switches import assert_compiled_equals_eager
+from test_resume import train_and_resume_at_3
+from test_train_gpt2 import final_weights, tiny_args
 from train_gpt2 import parse_args
 
 
@@ -68,8 +69,7 @@ def test_starts_on_the_sphere_and_has_no_norms_or_biases():
 def test_trains_keeps_unit_norms_and_resumes(small_shards, tmp_path):
     common = ["--preset", "ngpt", "--max_steps", "8", "--val_every", "4", "--keep_checkpoints", "0",
               "--max_lr", "1e-1"]
-    run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common, "--checkpoint_every", "3"))
-    losses = losses_by_step(tmp_path / "logs" / "ref")
+    losses = train_and_resume_at_3(tmp_path, small_shards, *common)
     assert losses[7] < losses[0] - 0.5
     weights = final_weights(tmp_path / "ckpt" / "ref")
     cfg = parse_args(tiny_args(tmp_path, small_shards, "x", *common))[1]
@@ -79,10 +79,6 @@ def test_trains_keeps_unit_norms_and_resumes(small_shards, tmp_path):
     assert len(constrained) == 2 + 4 * 2  # wte, lm_head, 4 matrices a block
     for w, dim in constrained:
         torch.testing.assert_close(w.norm(dim=dim), torch.ones(w.size(1 - dim if dim == 0 else 0)))
-    run_inprocess(tiny_args(tmp_path, small_shards, "resumed", *common,
-                            "--resume", str(tmp_path / "ckpt" / "ref" / "step_000003.pt")))
-    assert_same_run(tmp_path / "logs" / "ref", tmp_path / "logs" / "resumed", 3)
-    assert_same_weights(tmp_path / "ckpt" / "ref", tmp_path / "ckpt" / "resumed")
 
 
 def test_ngpt_preset():
@@ -94,15 +90,8 @@ def test_ngpt_preset():
 def test_ngpt_compiled_and_bf16_equal_eager_fp32():
     torch.manual_seed(0)
     eager, compiled = GPT(ngpt_config(n_kv_head=1, window=8)), GPT(ngpt_config(n_kv_head=1, window=8))
-    compiled.load_state_dict(eager.state_dict())
     x = torch.randint(0, 64, (2, 16))
-    loss_e = eager(x, x)[1]
-    loss_c = torch.compile(compiled, fullgraph=True)(x, x)[1]
-    loss_e.backward()
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    loss_e = assert_compiled_equals_eager(eager, compiled, x, grad_atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_bf16 = eager(x, x)[1]
     assert abs(loss_bf16.item() - loss_e.item()) < 0.02

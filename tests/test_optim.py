@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from optim import MatrixOptimizer, describe, manifold_muon_direction, msign, muon_scale, newton_schulz, stiefel_scale
-from test_resume import assert_same_run, assert_same_weights
+from test_resume import train_and_resume_at_3
 from test_train_gpt2 import ROOT, losses_by_step, run_inprocess, tiny_args, torchrun
 
 
@@ -139,17 +139,12 @@ def test_manifold_muon_dual_ascent_moves_towards_the_tangent_space():
 
 def test_muon_trains_resumes_and_prints_its_groups(small_shards, tmp_path, capsys):
     common = [*MUON, "--max_steps", "8", "--val_every", "4", "--keep_checkpoints", "0", "--max_lr", "1e-2"]
-    run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common, "--checkpoint_every", "3"))
+    losses = train_and_resume_at_3(tmp_path, small_shards, *common)
     out = capsys.readouterr().out
     groups = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
     assert "transformer.h.*.attn.c_attn.weight" in groups["muon lr×5 wd 0"]  # 0.05 / 1e-2
     assert "transformer.wte.weight" in groups["adamw lr×1 wd 0.1"]
-    losses = losses_by_step(tmp_path / "logs" / "ref")
     assert losses[7] < losses[0] - 0.5
-    run_inprocess(tiny_args(tmp_path, small_shards, "resumed", *common,
-                            "--resume", str(tmp_path / "ckpt" / "ref" / "step_000003.pt")))
-    assert_same_run(tmp_path / "logs" / "ref", tmp_path / "logs" / "resumed", 3)
-    assert_same_weights(tmp_path / "ckpt" / "ref", tmp_path / "ckpt" / "resumed")
     with pytest.raises(SystemExit, match="trained with muon"):
         run_inprocess(tiny_args(tmp_path, small_shards, "ref", "--max_steps", "10"))
 
@@ -189,13 +184,8 @@ def test_muon_ddp_matches_single_process(small_shards, tmp_path):
 def test_manifold_optimizers_train_and_resume(small_shards, tmp_path, kind):
     common = ["--optimizer", kind, "--matrix_lr", "0.05", "--max_steps", "8", "--val_every", "4",
               "--keep_checkpoints", "0", "--max_lr", "1e-2"]
-    run_inprocess(tiny_args(tmp_path, small_shards, "ref", *common, "--checkpoint_every", "3"))
-    losses = losses_by_step(tmp_path / "logs" / "ref")
+    losses = train_and_resume_at_3(tmp_path, small_shards, *common)
     assert losses[7] < losses[0] - 0.5
-    run_inprocess(tiny_args(tmp_path, small_shards, "resumed", *common,
-                            "--resume", str(tmp_path / "ckpt" / "ref" / "step_000003.pt")))
-    assert_same_run(tmp_path / "logs" / "ref", tmp_path / "logs" / "resumed", 3)
-    assert_same_weights(tmp_path / "ckpt" / "ref", tmp_path / "ckpt" / "resumed")
     w = torch.load(tmp_path / "ckpt" / "ref" / "step_000008.pt", weights_only=True)["model"]["transformer.h.1.mlp.c_fc.weight"]
     if kind == "sphere":
         torch.testing.assert_close(w.norm(dim=1), torch.ones(w.size(0)))

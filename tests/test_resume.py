@@ -28,6 +28,17 @@ def assert_same_weights(ckpt_a, ckpt_b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def train_and_resume_at_3(tmp_path, data_dir, *flags):
+    """Train run "ref" with flags (checkpoints every 3 steps), then run "resumed" from its step-3
+    checkpoint: both must log the same run and end with the same weights. Returns ref's train losses."""
+    run_inprocess(tiny_args(tmp_path, data_dir, "ref", *flags, "--checkpoint_every", "3"))
+    run_inprocess(tiny_args(tmp_path, data_dir, "resumed", *flags,
+                            "--resume", str(tmp_path / "ckpt" / "ref" / "step_000003.pt")))
+    assert_same_run(tmp_path / "logs" / "ref", tmp_path / "logs" / "resumed", 3)
+    assert_same_weights(tmp_path / "ckpt" / "ref", tmp_path / "ckpt" / "resumed")
+    return losses_by_step(tmp_path / "logs" / "ref")
+
+
 @pytest.mark.parametrize("k", [3, 5])  # 3: mid-epoch, between evals; 5: right after the eval at step 4
 def test_resume_is_bitwise_exact(small_shards, tmp_path, k):
     common = ["--max_steps", "14", "--val_every", "4", "--shuffle", "--keep_checkpoints", "0"]
