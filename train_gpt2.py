@@ -10,8 +10,8 @@ Every setting is a TrainConfig or GPTConfig field and a flag of the same name (-
 --config file.json sets many at once (flags win). Defaults reproduce build-nanogpt's GPT-2 124M run:
 10B tokens, 19073 steps of 524288 tokens.
 
-Writes logs/<run_name>/{log.txt, metrics.jsonl, config.json, samples.txt, plot.png} (small: rsync it
-home) and checkpoints/<run_name>/step_NNNNNN.pt + latest (big: keep it on the node's volume).
+Writes logs/<run_name>/{log.txt, metrics.jsonl, config.json, samples.txt, plot.png, report.md} and
+TensorBoard event files (small: rsync it home) and checkpoints/<run_name>/step_NNNNNN.pt + latest (big: keep it on the node's volume).
 """
 
 import argparse
@@ -40,7 +40,7 @@ from data import DataLoader, atomic_write, gpt2_tokenizer
 from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
 from optim import MATRIX_KINDS, build_optimizer, describe
 from model import GPT, GPTConfig
-from plot import plot_runs
+from plot import plot_runs, write_report
 
 
 @dataclass
@@ -96,6 +96,9 @@ class TrainConfig:
     # post-hoc EMA (EDM2; ema.py): power-function EMAs of the weights, snapshots to checkpoint_dir/ema/
     ema_stds: str = ""  # comma-separated σ_rel to track, e.g. 0.05,0.10 (empty: off)
     ema_snapshot_every: int = 0  # steps between snapshots (and one at the end); 0 = none
+    # watching from afar (uv sync --extra monitor): TensorBoard event files in logs/<run>/, and W&B
+    tensorboard: bool | None = None  # None: on when the tensorboard package is installed
+    wandb_project: str = ""  # log to this W&B project (rank 0; WANDB_MODE=offline works without network)
 
 
 # GPTConfig defaults that differ when training: GPT-2's 50257 rounded up to 50304 = 64·786 makes the
@@ -286,15 +289,43 @@ class GpuStats:
 
 
 # ---------------------------------------------------------------------------
-# logs: log.txt in build-nanogpt's format, metrics.jsonl with everything, both appended line by line
+# logs: log.txt in build-nanogpt's format, metrics.jsonl with everything, both appended line by line;
+# the same events to TensorBoard event files (logs/<run>/) and W&B when those are on
+
+# metrics.jsonl field -> TensorBoard / W&B series, per event
+SERIES = {
+    "train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "moe_max_load": "train/moe_max_load",
+              "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu", "dt_ms": "perf/step_ms",
+              "mem_gb": "gpu/mem_gb", "gpu_util": "gpu/util"},
+    "val": {"val_loss": "val/loss"},
+    "hella": {"acc_norm": "hellaswag/acc_norm"},
+}
+
 
 class RunLog:
     CLASSIC = {"train": "loss", "val": "val_loss", "hella": "acc_norm"}
 
     def __init__(self, run_dir, enabled):
         self.run_dir, self.enabled = run_dir, enabled
+        self.tb = self.wandb = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
+
+    def open_monitors(self, cfg, config, start_step, wandb_id):
+        """Start TensorBoard's writer and the W&B run (rank 0). A resumed run repeats the steps after its
+        checkpoint: TensorBoard hides the old ones (purge_step), W&B plots against our own step."""
+        if not self.enabled:
+            return
+        if cfg.tensorboard is not False and import_monitor("tensorboard", required=cfg.tensorboard):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(self.run_dir, purge_step=start_step or None, flush_secs=30)
+        if cfg.wandb_project:
+            wandb = import_monitor("wandb", required=True)
+            self.wandb = wandb.init(project=cfg.wandb_project, name=config["run"]["run_name"], id=wandb_id,
+                                    resume="allow", config=config, dir=self.run_dir)
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
 
     def event(self, event, **fields):
         """Record one event. Each line goes out in a single write, flushed, so a reader (or rsync)
@@ -307,10 +338,47 @@ class RunLog:
             value = fields[self.CLASSIC[event]]
             self._append("log.txt", f"{fields['step']} {event} {value:.6f}\n" if event == "train"
                          else f"{fields['step']} {event} {value:.4f}\n")
+        series = {tag: fields[k] for k, tag in SERIES.get(event, {}).items() if k in fields}
+        if self.tb:
+            for tag, value in series.items():
+                self.tb.add_scalar(tag, value, fields["step"])
+            if event == "sample":
+                self.tb.add_text("samples", "\n\n".join(f"    {s}" for s in fields["samples"]), fields["step"])
+            if event != "train":  # evaluations are rare: show them at once
+                self.tb.flush()
+        if self.wandb and (series or event == "sample"):
+            if event == "sample":
+                import wandb
+
+                series["samples"] = wandb.Table(columns=["sample"], data=[[s] for s in fields["samples"]])
+            self.wandb.log({"step": fields["step"], **series})
+
+    def close(self, failed=False):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish(exit_code=1 if failed else 0)
+        self.tb = self.wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(failed=exc_type is not None)
 
     def _append(self, name, text):
         with open(os.path.join(self.run_dir, name), "a") as f:
             f.write(text)
+
+
+def import_monitor(name, required):
+    """The tensorboard / wandb module; None if it is not installed and not required."""
+    try:
+        return __import__(name)
+    except ImportError:
+        if required:
+            fail(f"{name} is not installed: uv sync --extra monitor (or pip install {name})")
+        return None
 
 
 def git_commit():
@@ -585,14 +653,15 @@ def train(cfg, model_cfg):
     rank, local_rank, world_size, device = setup_distributed(cfg)
     stop = StopSignal()
     try:
-        return _train(cfg, model_cfg, rank, local_rank, world_size, device, stop)
+        with contextlib.ExitStack() as closing:  # the run's log writers, closed however _train ends
+            return _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing)
     finally:
         stop.restore()
         if world_size > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
+def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     device_type = device.split(":")[0]
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -604,6 +673,10 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         fail("--rope_scaling (YaRN) stretches a trained model's context at evaluation; train with 1")
     if cfg.lr_schedule not in ("cosine", "inv_sqrt"):
         fail(f"--lr_schedule {cfg.lr_schedule}: choose cosine or inv_sqrt")
+    if cfg.tensorboard:  # asked for explicitly: checked on every rank, before any work
+        import_monitor("tensorboard", required=True)
+    if cfg.wandb_project:
+        import_monitor("wandb", required=True)
     ptdtype = resolve_dtype(cfg, device_type)
     autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
@@ -613,7 +686,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
     run_name = cfg.run_name or on_rank0(lambda: time.strftime("%Y%m%d-%H%M%S"), rank, world_size)
     run_dir = os.path.join(cfg.log_dir, run_name)
     ckpt_dir = cfg.checkpoint_dir or os.path.join("checkpoints", run_name)
-    runlog = RunLog(run_dir, enabled=master)
+    runlog = closing.enter_context(RunLog(run_dir, enabled=master))
 
     # the same seed on every rank: identical initial weights (DDP also broadcasts them)
     torch.manual_seed(cfg.seed)
@@ -650,7 +723,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         fail(str(e))
     fingerprint = data_fingerprint(train_loader)
 
-    start_step, evals = 0, {}
+    start_step, evals, wandb_id = 0, {}, None
     ckpt_path = on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path)
@@ -679,6 +752,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         if ema:
             ema.load_state_dict(ckpt["ema"])
         start_step, evals = ckpt["step"], ckpt["evals"]
+        if os.path.dirname(os.path.abspath(ckpt_path)) == os.path.abspath(ckpt_dir):  # this run's own: the same
+            wandb_id = ckpt.get("wandb_id")  # W&B run goes on (another run's checkpoint only seeds this one)
         del ckpt
         log(f"resumed from {ckpt_path} at step {start_step}"
             + "".join(f"\n  {k} changed: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
@@ -715,6 +790,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
                             "resumed_from": ckpt_path}}
         with atomic_write(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
+        runlog.open_monitors(cfg, resolved, start_step, wandb_id)
     active = raw_model.num_params(non_embedding=False, active=True)
     log(f"run {run_name}: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters"
         + (f" ({active / 1e6:.2f}M active per token)" if model_cfg.moe_experts else "") + f", device {device}"
@@ -742,7 +818,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "loader": train_loader.state_dict(), "rng": rngs,
                      "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size,
-                     "ema": ema.state_dict() if ema else None}
+                     "ema": ema.state_dict() if ema else None,
+                     "wandb_id": runlog.wandb.id if runlog.wandb else wandb_id}
             path = save_checkpoint(ckpt_dir, state, cfg.keep_checkpoints)
             log(f"saved {path}")
             runlog.event("checkpoint", step=step, path=path)
@@ -844,10 +921,14 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop):
         if stop_now:
             log(f"stopped at step {done} by a signal; run the same command again to resume")
             runlog.event("stop", step=done)
+            if master:
+                write_report(run_dir)
             return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "stopped": True, **evals}
 
     checkpoint(cfg.max_steps, finished=True)
     runlog.event("end", step=cfg.max_steps, elapsed_s=time.time() - t_start, **evals)
+    if master:
+        log(f"wrote {write_report(run_dir)}")
     return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "stopped": False, **evals}
 
 

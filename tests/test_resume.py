@@ -124,12 +124,15 @@ def test_sigterm_saves_and_the_same_command_resumes(small_shards, tmp_path):
     assert 4 <= stopped_at < 16 and f"stopped at step {stopped_at}" in rest
     ckpt_dir = tmp_path / "ckpt" / "spot"
     assert (ckpt_dir / "latest").read_text().strip() == f"step_{stopped_at:06d}.pt"
+    assert f"stopped by a signal at step {stopped_at} of 16" in (spot_dir / "report.md").read_text()
 
     out = run_script(*argv[1:])  # the very same command
     assert f"resumed from {ckpt_dir / f'step_{stopped_at:06d}.pt'} at step {stopped_at}" in out.stdout
     assert events(spot_dir, "resume")[0]["step"] == stopped_at
     assert_same_run(tmp_path / "logs" / "ref", spot_dir, 0)  # the log, appended, reads as one run
     assert_same_weights(tmp_path / "ckpt" / "ref", ckpt_dir)
+    report = (spot_dir / "report.md").read_text()  # rewritten at the end, the repeated steps counted once
+    assert "finished: 16 of 16 steps" in report and f"| tokens | {16 * 256:,} |" in report
 
 
 def test_second_signal_exits_at_once(small_shards, tmp_path):

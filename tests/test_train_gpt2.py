@@ -153,7 +153,9 @@ def test_tiny_run_end_to_end(shard_dir, hellaswag_file, tmp_path):
                      "--num_samples", "2", "--sample_tokens", "5", "--checkpoint_every", "20")
     out = run_script("train_gpt2.py", *args)
     run_dir = tmp_path / "logs" / "e2e"
-    assert sorted(os.listdir(run_dir)) == ["config.json", "log.txt", "metrics.jsonl", "plot.png", "samples.txt"]
+    files = sorted(os.listdir(run_dir))
+    assert [f for f in files if not f.startswith("events.out.tfevents.")] == \
+        ["config.json", "log.txt", "metrics.jsonl", "plot.png", "report.md", "samples.txt"]
 
     train = losses_by_step(run_dir)
     assert sorted(train) == list(range(30))
@@ -187,6 +189,30 @@ def test_tiny_run_end_to_end(shard_dir, hellaswag_file, tmp_path):
     model.load_state_dict(ckpt["model"])  # plain names: no _orig_mod. or module. prefixes
     assert ckpt["train_config"]["max_steps"] == 30 and ckpt["step"] == 30 and ckpt["finished"]
     assert ckpt["evals"]["val_loss"] == pytest.approx(val[30])
+
+    # TensorBoard (installed with the dev group): its own reader finds every series, at every step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    for tag, steps in {"train/loss": range(30), "train/lr": range(30), "train/grad_norm": range(30),
+                       "perf/tokens_per_sec": range(30), "val/loss": [0, 10, 20, 30],
+                       "hellaswag/acc_norm": [0, 15, 30]}.items():
+        assert [e.step for e in acc.Scalars(tag)] == list(steps), tag
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([train[s] for s in range(30)])
+    assert acc.Scalars("val/loss")[-1].value == pytest.approx(val[30])
+    assert [e.step for e in acc.Tensors("samples/text_summary")] == [0, 15, 30]  # add_text
+
+    # report.md: this run's figures, cross-checked against metrics.jsonl, and a plot that exists
+    report = (run_dir / "report.md").read_text()
+    dts = [r["dt_ms"] for r in events(run_dir, "train")]
+    assert "finished: 30 of 30 steps" in report and f"| tokens | {30 * 256:,} |" in report
+    assert f"| final val loss | {val[30]:.4f} (step 30) | 3.2924 |" in report
+    assert f"{min(val.values()):.4f} (step {min(val, key=val.get)})" in report
+    assert f"| HellaSwag acc_norm | {hella[-1]['acc_norm']:.4f} (step 30) | 0.2945 | 0.337 |" in report
+    assert f"| mean tokens/s | {30 * 256 / (sum(dts) / 1000):,.0f} " in report
+    assert config["run"]["git_commit"] in report and "cpu × 1" in report
+    assert "![loss and HellaSwag](plot.png)" in report and "## Samples at step 30" in report
 
 
 def torchrun(nproc, *args, timeout=600):
