@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class TrainConfig:
     # batch: total_batch_size = micro_batch_size · seq_len · world_size · grad_accum_steps
     total_batch_size: int = 524288  # 2**19 tokens, ~0.5M as in GPT-3 125M
     micro_batch_size: int = 64  # lower this on out-of-memory; accumulation keeps the total batch
+    find_micro_batch: str = ""  # CUDA: find the largest micro batch that fits, then "print" it and exit, or "use" it
     seq_len: int = 1024
     # optimisation: AdamW, linear warmup then cosine decay to min_lr_frac · max_lr
     max_steps: int = 19073  # 10B tokens / 524288
@@ -117,6 +118,14 @@ PRESETS = {
     "ngpt": {"ngpt": True, "pos": "rope", "tie_embeddings": False, "weight_decay": 0.0, "warmup_steps": 0},
     "gpt-oss": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "n_kv_head": 4, "window": 128, "sinks": True,
                 "moe_experts": 8, "moe_topk": 2, "tie_embeddings": False},
+    # the larger GPT-2s with llm.c's reproduction settings (scripts/run_gpt2_{350M,774M,1558M}.sh: lr, batch,
+    # steps, warmup 700, decay to min_lr_frac); micro batches sized for an 80 GB GPU by estimate_memory()
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "max_lr": 3e-4, "min_lr_frac": 0.0,
+                    "total_batch_size": 524288, "max_steps": 60000, "warmup_steps": 700, "micro_batch_size": 32},
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280, "max_lr": 2.5e-4, "min_lr_frac": 0.0,
+                   "total_batch_size": 524288, "max_steps": 286102, "warmup_steps": 700, "micro_batch_size": 16},
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600, "max_lr": 6e-4, "min_lr_frac": 0.1,
+                "total_batch_size": 1048576, "max_steps": 32000, "warmup_steps": 700, "micro_batch_size": 8},
 }
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (fp16 for V100/T4), matched
@@ -191,6 +200,80 @@ def grad_accum_steps(cfg, world_size):
              f"= {cfg.micro_batch_size}·{cfg.seq_len}·{world_size} = {per_step}; change --micro_batch_size "
              f"or --total_batch_size")
     return cfg.total_batch_size // per_step
+
+
+def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1):
+    """Bytes of GPU memory one rank needs to train (DDP, AdamW, bf16 autocast, no recompute), estimated:
+    16 per parameter for fp32 weights, grads and AdamW's two moments, 2 for autocast's bf16 weight copies,
+    4 for DDP's gradient buckets (more than one rank); per layer 42 per token per n_embd of activations
+    saved for backward, and 14 per logit (bf16 logits, fp32 loss, their grad). The last two were measured
+    for this model.py with torch's MemTracker (tests check the whole estimate against it); torch.compile
+    fuses some of it away, and the CUDA allocator's caching adds some."""
+    with torch.device("meta"):  # the parameter count without allocating anything
+        params = GPT(model_cfg).num_params(non_embedding=False)
+    tokens = micro_batch_size * seq_len
+    per_param = 18 + (4 if world_size > 1 else 0)
+    return per_param * params + 42 * tokens * model_cfg.n_embd * model_cfg.n_layer \
+        + 14 * tokens * model_cfg.padded_vocab_size
+
+
+def largest_fitting(candidates, fits):
+    """The largest of the ascending candidates for which fits() is true, by binary search (whatever fits
+    with a micro batch also fits with a smaller one); None if none does."""
+    best, lo, hi = None, 0, len(candidates) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(candidates[mid]):
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def find_micro_batch(cfg, model_cfg, device, world_size):
+    """The largest micro batch that trains on this device: a divisor of the tokens each rank handles per
+    step, searched with two real training steps each (model, optimizer, autocast; eager, which needs more
+    memory than compiled: a safe side), and DDP's gradient buckets reserved when there are several ranks.
+    Every rank searches its own GPU; they settle on the smallest answer."""
+    if cfg.total_batch_size % (cfg.seq_len * world_size):
+        fail(f"total_batch_size {cfg.total_batch_size} is not a multiple of seq_len·world_size = "
+             f"{cfg.seq_len}·{world_size}; change --total_batch_size")
+    per_rank = cfg.total_batch_size // (cfg.seq_len * world_size)
+    candidates = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+    device_type = device.split(":")[0]
+    ptdtype = resolve_dtype(cfg, device_type)
+    autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+
+    def fits(micro_batch):
+        model = optimizer = reserve = None
+        try:
+            model = GPT(model_cfg).to(device)
+            optimizer = build_optimizer(model, cfg, device_type)
+            reserve = torch.empty(4 * model.num_params(non_embedding=False) * (world_size > 1), dtype=torch.uint8,
+                                  device=device)
+            x = torch.randint(0, model_cfg.vocab_size, (micro_batch, cfg.seq_len), device=device)
+            for _ in range(2):  # the second step has the optimizer's state
+                with autocast:
+                    _, loss = model(x, x)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            del model, optimizer, reserve
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+
+    best = largest_fitting(candidates, fits) or 0
+    if world_size > 1:
+        t = torch.tensor(best, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        best = int(t)
+    if not best:
+        fail(f"not even micro batch 1 of {cfg.seq_len} tokens fits on {device}; use a smaller model or --seq_len")
+    return best
 
 
 def get_lr(step, cfg):
@@ -651,6 +734,20 @@ def download_hellaswag():
 def train(cfg, model_cfg):
     """Run (or resume) one training run; returns the run's folders and final evaluation figures."""
     rank, local_rank, world_size, device = setup_distributed(cfg)
+    if cfg.find_micro_batch:
+        if cfg.find_micro_batch not in ("print", "use") or not device.startswith("cuda"):
+            fail(f"--find_micro_batch {cfg.find_micro_batch}: takes print or use, and a CUDA GPU (elsewhere "
+                 f"memory is rarely the limit: set --micro_batch_size)")
+        found = find_micro_batch(cfg, model_cfg, device, world_size)
+        if rank == 0:
+            print(f"largest micro batch that fits: {found} × {cfg.seq_len} tokens "
+                  f"({cfg.total_batch_size // (found * cfg.seq_len * world_size)} accumulation steps); "
+                  f"--micro_batch_size {found}")
+        if cfg.find_micro_batch == "print":
+            if world_size > 1:
+                dist.destroy_process_group()
+            return {"micro_batch_size": found}
+        cfg = replace(cfg, micro_batch_size=found)
     stop = StopSignal()
     try:
         with contextlib.ExitStack() as closing:  # the run's log writers, closed however _train ends
