@@ -93,6 +93,9 @@ class TrainConfig:
     checkpoint_every: int = 5000  # steps (0 = only at the end)
     checkpoint_every_minutes: float = 5.0  # bounds the work a hard kill loses (0 = off)
     keep_checkpoints: int = 3  # newest checkpoints kept (0 = all)
+    # checkpoint_dir is each node's own disk: the first rank of every node writes (and resumes from) a full
+    # copy. Off: one filesystem shared by all nodes (or a single node), written by global rank 0
+    checkpoint_per_node: bool = False
     resume: str = "auto"  # auto: newest good checkpoint in checkpoint_dir, if any | none | a checkpoint file/folder
     # post-hoc EMA (EDM2; ema.py): power-function EMAs of the weights, snapshots to checkpoint_dir/ema/
     ema_stds: str = ""  # comma-separated σ_rel to track, e.g. 0.05,0.10 (empty: off)
@@ -724,6 +727,29 @@ def on_rank0(fn, rank, world_size):
     return value
 
 
+def on_each_node(fn, local_rank, world_size):
+    """Run fn on the first rank of every node; every rank gets {node: result} (torchrun's GROUP_RANK
+    numbers the nodes), or every rank stops with the first node's error."""
+    mine = None
+    if local_rank == 0:
+        try:
+            mine = ("ok", fn())
+        except SystemExit as e:
+            mine = ("error", str(e))
+        except Exception as e:
+            mine = ("error", f"error: {e}")
+        mine = (int(os.environ.get("GROUP_RANK", 0)), *mine)
+    results = [mine]
+    if world_size > 1:
+        results = [None] * world_size
+        dist.all_gather_object(results, mine)
+    results = [r for r in results if r is not None]
+    for _, kind, value in results:
+        if kind == "error":
+            raise SystemExit(value)
+    return {node: value for node, _, value in results}
+
+
 def download_hellaswag():
     try:
         return hellaswag.download()
@@ -760,7 +786,8 @@ def train(cfg, model_cfg):
 
 def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     device_type = device.split(":")[0]
-    master = rank == 0
+    master = rank == 0  # writes the logs
+    writer = local_rank == 0 if cfg.checkpoint_per_node else master  # writes checkpoints
     log = print if master else (lambda *a, **k: None)
 
     accum = grad_accum_steps(cfg, world_size)
@@ -807,8 +834,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         fail(f"--ema_stds {cfg.ema_stds}: {e}")
     if bool(ema_stds) != bool(cfg.ema_snapshot_every):
         fail("post-hoc EMA needs both --ema_stds (what to track) and --ema_snapshot_every (how often to save it)")
-    # every rank has the same weights: rank 0 alone averages and saves them
-    ema = PowerEMA(raw_model, ema_stds) if ema_stds and master else None
+    # every rank has the same weights: the checkpoint writers alone average and save them
+    ema = PowerEMA(raw_model, ema_stds) if ema_stds and writer else None
     ema_dir = os.path.join(ckpt_dir, "ema")
 
     try:
@@ -821,7 +848,16 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     fingerprint = data_fingerprint(train_loader)
 
     start_step, evals, wandb_id = 0, {}, None
-    ckpt_path = on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
+    if cfg.checkpoint_per_node:  # every node looks on its own disk, and all must find the same checkpoint
+        found = on_each_node(lambda: find_resume_checkpoint(cfg, ckpt_dir), local_rank, world_size)
+        names = {node: os.path.basename(path) if path else "none" for node, path in found.items()}
+        if len(set(names.values())) > 1:
+            fail(f"--checkpoint_per_node: the nodes would resume from different checkpoints ("
+                 + ", ".join(f"node {node}: {name}" for node, name in sorted(names.items()))
+                 + f"); copy the newest checkpoint folder to every node's {ckpt_dir}, or start a new --run_name")
+        ckpt_path = found[int(os.environ.get("GROUP_RANK", 0))]
+    else:
+        ckpt_path = on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path)
         changes = check_resume_settings(ckpt, cfg, model_cfg, fingerprint)
@@ -857,7 +893,9 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         runlog.event("resume", step=start_step, checkpoint=ckpt_path, world_size=world_size,
                      changed={k: list(v) for k, v in changes.items()})
 
-    if master:  # snapshots past the start belong to a discarded future (a rewind, or a start over)
+    if cfg.wandb_project and not wandb_id:  # one W&B run id, kept in every checkpoint copy
+        wandb_id = on_rank0(lambda: os.urandom(4).hex(), rank, world_size)
+    if writer:  # snapshots past the start belong to a discarded future (a rewind, or a start over)
         for step, path in list_snapshots(ema_dir):
             if step > start_step:
                 os.remove(path)
@@ -903,12 +941,12 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
 
     def checkpoint(step, finished=False):
         nonlocal last_save
-        rngs = [None] * world_size  # every rank's generators, though rank 0 alone writes
+        rngs = [None] * world_size  # every rank's generators, though one rank (per node) writes
         if world_size > 1:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        if master:
+        if writer:
             state = {"step": step,  # optimizer steps done: training continues at this step
                      "model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
                      "model_config": asdict(model_cfg), "train_config": asdict(cfg),
@@ -916,7 +954,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                      "loader": train_loader.state_dict(), "rng": rngs,
                      "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size,
                      "ema": ema.state_dict() if ema else None,
-                     "wandb_id": runlog.wandb.id if runlog.wandb else wandb_id}
+                     "wandb_id": wandb_id}
             path = save_checkpoint(ckpt_dir, state, cfg.keep_checkpoints)
             log(f"saved {path}")
             runlog.event("checkpoint", step=step, path=path)

@@ -83,3 +83,74 @@ def test_find_micro_batch_tries_real_steps(monkeypatch):
 def test_find_micro_batch_needs_cuda(tmp_path):
     with pytest.raises(SystemExit, match="--find_micro_batch print: takes print or use, and a CUDA GPU"):
         train_gpt2.train(*parse_args(["--find_micro_batch", "print", "--device", "cpu"]))
+
+
+def two_nodes(tmp_path, args_for_node, timeout=300):
+    """Launch 2 torchrun 'nodes' (1 process each) on localhost that meet through a c10d rendezvous, as on
+    two machines; returns their CompletedProcess-like (returncode, output) pairs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", f"--rdzv-id={tmp_path.name}",
+               "train_gpt2.py", *args_for_node(node)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+
+
+def test_two_nodes_per_node_checkpoints(small_shards, tmp_path):
+    """torchrun --nnodes=2 with a c10d rendezvous logs the same losses as 1 node × 2 processes; with
+    --checkpoint_per_node each node writes its own full copy, both resume from it, and nodes that hold
+    different checkpoints are refused on every rank."""
+    from test_train_gpt2 import losses_by_step, tiny_args, torchrun
+
+    common = ["--max_steps", "6", "--val_every", "3", "--checkpoint_every", "3"]
+    torchrun(2, *tiny_args(tmp_path, small_shards, "one_node", *common))
+
+    def node_args(node):  # the same command on both machines, except each node's own disk
+        args = tiny_args(tmp_path, small_shards, "two_nodes", *common, "--checkpoint_per_node")
+        return [*args, "--checkpoint_dir", str(tmp_path / f"node{node}" / "ckpt")]
+
+    for rc, out in two_nodes(tmp_path, node_args):
+        assert rc == 0, out[-3000:]
+    one, two = tmp_path / "logs" / "one_node", tmp_path / "logs" / "two_nodes"
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        assert losses_by_step(two, kind, key) == pytest.approx(losses_by_step(one, kind, key), rel=1e-6)
+    copies = [tmp_path / f"node{n}" / "ckpt" for n in range(2)]
+    for name in ("step_000003.pt", "step_000006.pt"):
+        a, b = (torch.load(c / name, weights_only=True) for c in copies)
+        assert a["step"] == b["step"] and a["loader"] == b["loader"]  # the copies differ only in checkpoint_dir
+        for k, v in a["model"].items():
+            assert torch.equal(v, b["model"][k])
+        for i, state in a["optimizer"]["state"].items():
+            assert torch.equal(state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+
+    # both nodes lose their last checkpoint (as if killed after step 5): both resume from step 3
+    for c in copies:
+        (c / "step_000006.pt").unlink()
+        (c / "step_000006.json").unlink()
+        (c / "latest").write_text("step_000003.pt\n")
+    for rc, out in two_nodes(tmp_path, node_args):
+        assert rc == 0, out[-3000:]
+    from test_train_gpt2 import events
+
+    assert [e["step"] for e in events(two, "resume")] == [3]
+    assert losses_by_step(two) == pytest.approx(losses_by_step(one), rel=1e-6)
+
+    # node 1 comes back with an empty disk: every rank refuses, naming what each node has
+    import shutil
+
+    shutil.rmtree(copies[1])
+    results = two_nodes(tmp_path, lambda n: [*node_args(n), "--max_steps", "9"])
+    assert all(rc != 0 for rc, _ in results)
+    assert any("the nodes would resume from different checkpoints" in out and "none" in out for _, out in results)
