@@ -157,16 +157,21 @@ def ending_losses(model, examples, *, device, batch_size=16, autocast_dtype=None
 
 
 def evaluate(model, examples, *, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None,
-             reference=False):
+             reference=False, lockstep=False):
     """HellaSwag accuracy of `model` (a model.GPT) on `examples` (rowanz/hellaswag dicts).
 
     acc counts the endings with the lowest summed loss, acc_norm those with the lowest mean loss
     per token (build-nanogpt's acc_norm, not lm-evaluation-harness's byte-length one). With
     world_size > 1, example i is scored on rank i % world_size and the counts are summed over
     ranks with torch.distributed, so every rank returns the same totals. reference=True scores
-    with reference_losses (slow; for checking). The model's train/eval mode is restored after.
+    with reference_losses (slow; for checking). lockstep=True gives every rank the same number of
+    forwards (a short shard is topped up with examples scored but not counted): an FSDP model needs
+    every rank in each forward. The model's train/eval mode is restored after.
     Returns {"acc", "acc_norm", "n", "correct", "correct_norm"}."""
     shard = examples[rank::world_size]
+    n_shard = len(shard)
+    if lockstep:
+        shard = shard + examples[: -(-len(examples) // world_size) - n_shard]
     was_training = model.training
     model.eval()
     try:
@@ -177,6 +182,7 @@ def evaluate(model, examples, *, device, batch_size=16, rank=0, world_size=1, au
                                                autocast_dtype=autocast_dtype)
     finally:
         model.train(was_training)
+    shard, sum_loss, n_tokens = shard[:n_shard], sum_loss[:n_shard], n_tokens[:n_shard]
     labels = torch.tensor([int(example["label"]) for example in shard], dtype=torch.long)
     correct = int((sum_loss.argmin(dim=1) == labels).sum())
     correct_norm = int(((sum_loss / n_tokens).argmin(dim=1) == labels).sum())
@@ -195,14 +201,17 @@ def evaluate(model, examples, *, device, batch_size=16, rank=0, world_size=1, au
 def load_model(spec, device):
     """A GPT from `spec`: a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local
     HF folder (config.json + weights), a checkpoint file (a dict with "model", the state dict, and
-    "model_config", the GPTConfig fields) or a checkpoint folder whose `latest` file names one."""
+    "model_config", the GPTConfig fields), an FSDP checkpoint (step_NNNNNN.dcp/) or a checkpoint folder
+    whose `latest` file names one."""
     if os.path.isfile(os.path.join(spec, "latest")):
         with open(os.path.join(spec, "latest")) as f:
             spec = os.path.join(spec, f.read().strip())
     if spec in HF_MODEL_NAMES or os.path.isfile(os.path.join(spec, "config.json")):
         model = GPT.from_pretrained(spec)
-    elif os.path.isfile(spec):
-        ckpt = torch.load(spec, map_location="cpu", weights_only=True)
+    elif os.path.isfile(spec) or os.path.isfile(os.path.join(spec, "train_state.pt")):  # a file, or FSDP's folder
+        from train_gpt2 import load_checkpoint
+
+        ckpt = load_checkpoint(spec)
         if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
             raise ValueError(f"{spec}: a checkpoint must be a dict with 'model' and 'model_config'")
         model = GPT(GPTConfig(**ckpt["model_config"]))

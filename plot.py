@@ -106,13 +106,32 @@ def read_events(run_dir):
 
 
 def run_summary(run_dir):
-    """The figures of a run, from its metrics.jsonl (steps a resume repeated count once, the latest kept)."""
+    """The figures of a run, from its metrics.jsonl. A resume at step s discards what the log holds from
+    step s on (a repeat, or a future that a rewind abandoned), as a start from scratch discards all."""
     events = read_events(run_dir)
-    train = {e["step"]: e for e in events if e["event"] == "train"}
-    val = {e["step"]: e["val_loss"] for e in events if e["event"] == "val"}
-    hella = {e["step"]: e["acc_norm"] for e in events if e["event"] == "hella"}
+    train, val, hella, samples, status = {}, {}, {}, None, "incomplete"
+    for e in events:
+        kind = e["event"]
+        if kind in ("start", "resume"):
+            for series in (train, val, hella):
+                for step in [s for s in series if s >= e["step"]]:
+                    del series[step]
+            samples = samples if samples and samples[0] < e["step"] else None
+            status = "incomplete"
+        elif kind == "train":
+            train[e["step"]] = e
+        elif kind == "val":
+            val[e["step"]] = e["val_loss"]
+        elif kind == "hella":
+            hella[e["step"]] = e["acc_norm"]
+        elif kind == "sample":
+            samples = (e["step"], e["samples"])
+        elif kind in ("end", "stop"):
+            status = kind
     train_time = sum(e["dt_ms"] for e in train.values()) / 1000
-    tokens = max((e["tokens"] for e in train.values()), default=0)
+    last_step = max(train, default=None)
+    tokens = train[last_step]["tokens"] if train else 0  # seen by the model (a checkpoint it started from too)
+    trained = len(train) * tokens // (last_step + 1) if train else 0  # by this run: steps it logged × batch
     # wall time: each session (a start or a resume) from its first event to its last
     wall, session_start, last = 0.0, None, None
     for e in events:
@@ -123,18 +142,15 @@ def run_summary(run_dir):
         last = e["time"]
     wall += (last - session_start) if session_start is not None else 0.0
     mfu = [(e["mfu"], e["dt_ms"]) for e in train.values() if "mfu" in e]
-    ending = next((e for e in reversed(events) if e["event"] in ("end", "stop")), None)
-    samples = next((e for e in reversed(events) if e["event"] == "sample"), None)
     best_step = min(val, key=val.get) if val else None
     return {
-        "status": ending["event"] if ending else "incomplete",
-        "last_step": max(train) + 1 if train else 0, "tokens": tokens,
-        "wall_s": wall, "train_s": train_time, "tokens_per_sec": tokens / train_time if train_time else 0.0,
+        "status": status, "last_step": last_step + 1 if train else 0, "tokens": tokens,
+        "wall_s": wall, "train_s": train_time, "tokens_per_sec": trained / train_time if train_time else 0.0,
         # the time-weighted mean of per-step MFU: the MFU of the mean throughput
         "mfu": sum(m * dt for m, dt in mfu) / sum(dt for _, dt in mfu) if mfu else None,
         "final_val": (max(val), val[max(val)]) if val else None, "best_val": (best_step, val[best_step]) if val else None,
         "final_hella": (max(hella), hella[max(hella)]) if hella else None,
-        "samples": (samples["step"], samples["samples"]) if samples else None,
+        "samples": samples,
     }
 
 

@@ -16,6 +16,7 @@ TensorBoard event files (small: rsync it home) and checkpoints/<run_name>/step_N
 
 import argparse
 import contextlib
+import gc
 import glob
 import hashlib
 import json
@@ -24,8 +25,10 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -81,6 +84,7 @@ class TrainConfig:
     num_samples: int = 4
     sample_tokens: int = 32
     # system
+    parallelism: str = "ddp"  # ddp: every rank holds the whole model | fsdp: weights, grads, AdamW state sharded (FSDP2)
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # auto: bfloat16 on CUDA with compute capability >= 8.0, float16 below, float32 elsewhere
     compile: bool | None = None  # torch.compile; default on for CUDA
@@ -236,8 +240,8 @@ def largest_fitting(candidates, fits):
 def find_micro_batch(cfg, model_cfg, device, world_size):
     """The largest micro batch that trains on this device: a divisor of the tokens each rank handles per
     step, searched with two real training steps each (model, optimizer, autocast; eager, which needs more
-    memory than compiled: a safe side), and DDP's gradient buckets reserved when there are several ranks.
-    Every rank searches its own GPU; they settle on the smallest answer."""
+    memory than compiled: a safe side), with DDP's gradient buckets and 5% of the GPU (for NCCL and the
+    evaluations) held back. Every rank searches its own GPU; they settle on the smallest answer."""
     if cfg.total_batch_size % (cfg.seq_len * world_size):
         fail(f"total_batch_size {cfg.total_batch_size} is not a multiple of seq_len·world_size = "
              f"{cfg.seq_len}·{world_size}; change --total_batch_size")
@@ -247,13 +251,15 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
     ptdtype = resolve_dtype(cfg, device_type)
     autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 
+    headroom = torch.cuda.get_device_properties(device).total_memory // 20 if device_type == "cuda" else 0
+
     def fits(micro_batch):
-        model = optimizer = reserve = None
+        model = optimizer = reserve = x = loss = None
         try:
             model = GPT(model_cfg).to(device)
             optimizer = build_optimizer(model, cfg, device_type)
-            reserve = torch.empty(4 * model.num_params(non_embedding=False) * (world_size > 1), dtype=torch.uint8,
-                                  device=device)
+            buckets = 4 * model.num_params(non_embedding=False) if world_size > 1 else 0
+            reserve = torch.empty(buckets + headroom, dtype=torch.uint8, device=device)
             x = torch.randint(0, model_cfg.vocab_size, (micro_batch, cfg.seq_len), device=device)
             for _ in range(2):  # the second step has the optimizer's state
                 with autocast:
@@ -265,7 +271,8 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
         except torch.OutOfMemoryError:
             return False
         finally:
-            del model, optimizer, reserve
+            del model, optimizer, reserve, x, loss  # and the autograd graph an error left behind
+            gc.collect()
             if device_type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -312,7 +319,11 @@ def setup_distributed(cfg):
         device = f"cuda:{local_rank}"  # one GPU per process on each node (local_rank 0 without torchrun)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    if world_size > 1:
+    if world_size > 1 or cfg.parallelism == "fsdp":  # FSDP shards over a process group, even of one
+        if "MASTER_ADDR" not in os.environ:  # plain python, not torchrun: a group of one on this machine
+            with socket.socket() as s:
+                s.bind(("localhost", 0))
+                os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return rank, local_rank, world_size, device
 
@@ -405,7 +416,7 @@ class RunLog:
         if cfg.tensorboard is not False and import_monitor("tensorboard", required=cfg.tensorboard):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(self.run_dir, purge_step=start_step or None, flush_secs=30)
+            self.tb = SummaryWriter(self.run_dir, purge_step=start_step, flush_secs=30)
         if cfg.wandb_project:
             wandb = import_monitor("wandb", required=True)
             self.wandb = wandb.init(project=cfg.wandb_project, name=config["run"]["run_name"], id=wandb_id,
@@ -534,22 +545,98 @@ def save_checkpoint(ckpt_dir, state, keep):
         f.write(name + ".pt\n")
     if keep:  # only now that the new one is safe; it is the first in the list, never pruned
         for old in list_checkpoints(ckpt_dir)[keep:]:
-            for p in (old, old[: -len(".pt")] + ".json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(p)
+            remove_checkpoint(old)
     return path
 
 
-def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, master):
+    """FSDP: every rank writes its shards of the weights and optimizer state with torch.distributed.checkpoint
+    into step_NNNNNN.dcp/ (a folder, resumable on any number of ranks); rank 0 adds the rest of `state`
+    as train_state.pt and records every file's size and sha256 in step_NNNNNN.json. Written under a
+    temporary name and renamed whole, so a kill leaves no half checkpoint."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"step_{state['step']:06d}"
+    final, tmp = os.path.join(ckpt_dir, name + ".dcp"), os.path.join(ckpt_dir, f".{name}.dcp.tmp")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)  # ends with a barrier
+    if master:
+        with atomic_write(os.path.join(tmp, "train_state.pt")) as f:
+            torch.save(state, f)
+        files = {n: file_digest(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a rewind
+        os.replace(tmp, final)
+        with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
+            json.dump({"file": name + ".dcp", "step": state["step"], "files": files}, f)
+        with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
+            f.write(name + ".dcp\n")
+        if keep:
+            for old in list_checkpoints(ckpt_dir)[keep:]:
+                remove_checkpoint(old)
+    return final
+
+
+def load_sharded_checkpoint(path, model, optimizer):
+    """Load an FSDP checkpoint folder into this run's sharded model and optimizer (any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_checkpoint(path, weights=True):
+    """A checkpoint as one dict ("model", "optimizer", "step", configs, ...), from a step_NNNNNN.pt file or an
+    FSDP step_NNNNNN.dcp folder (gathered into full tensors on the CPU; weights=False skips that)."""
+    if not os.path.isdir(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    if weights:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:  # no process group needed: one process reads every shard
+            dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+            state.update(torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True))
+    return state
+
+
+def file_digest(path):
+    """(size in bytes, sha256 hex) of a file."""
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha256.update(chunk)
+    return os.path.getsize(path), sha256.hexdigest()
+
+
+def remove_checkpoint(path):
+    import shutil
+
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.splitext(path)[0] + ".json")
 
 
 def list_checkpoints(ckpt_dir):
-    """step_*.pt paths in ckpt_dir, newest first: the one `latest` names, then by time written (not by
-    step: a run rewound to an earlier checkpoint writes lower steps after higher ones)."""
+    """step_*.pt files (and FSDP's step_*.dcp folders) in ckpt_dir, newest first: the one `latest` names,
+    then by time written (not by step: a run rewound to an earlier checkpoint writes lower steps after
+    higher ones)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    paths = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".pt")]
+    paths = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+\.(pt|dcp)", n)]
     paths.sort(key=lambda p: (os.path.getmtime(p), p), reverse=True)
     pointer = os.path.join(ckpt_dir, "latest")
     if os.path.exists(pointer):
@@ -562,29 +649,30 @@ def list_checkpoints(ckpt_dir):
 
 
 def verify_checkpoint(path):
-    """None if the file matches the size and sha256 its .json recorded, else what is wrong."""
-    meta_path = path[: -len(".pt")] + ".json"
+    """None if the file (each file of a folder) matches the size and sha256 its .json recorded, else what
+    is wrong."""
+    meta_path = os.path.splitext(path)[0] + ".json"
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        size, sha = meta["bytes"], meta["sha256"]
+        files = meta["files"] if os.path.isdir(path) else {"": (meta["bytes"], meta["sha256"])}
     except (OSError, ValueError, KeyError, TypeError):
         return "its .json (size and checksum) is missing or unreadable: the save did not finish"
-    if os.path.getsize(path) != size:
-        return f"it holds {os.path.getsize(path)} bytes, {size} were written: truncated"
-    sha256 = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            sha256.update(chunk)
-    if sha256.hexdigest() != sha:
-        return "its sha256 differs from the one recorded when it was written: corrupt"
+    for name, (size, sha) in files.items():
+        file = os.path.join(path, name) if name else path
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name or 'it'} holds {os.path.getsize(file)} bytes, {size} were written: truncated"
+        if file_digest(file)[1] != sha:
+            return f"the sha256 of {name or 'it'} differs from the one recorded when it was written: corrupt"
     return None
 
 
 def find_resume_checkpoint(cfg, ckpt_dir):
     """The checkpoint to resume from, or None to start fresh (decided on rank 0)."""
     for tmp in glob.glob(os.path.join(ckpt_dir, ".step_*.tmp")):  # half a save, left by a hard kill
-        os.remove(tmp)
+        remove_checkpoint(tmp)
     own = list_checkpoints(ckpt_dir)
     if cfg.resume == "none":
         if own:
@@ -602,7 +690,7 @@ def find_resume_checkpoint(cfg, ckpt_dir):
     elif os.path.isdir(cfg.resume):
         candidates = list_checkpoints(cfg.resume)
         if not candidates:
-            fail(f"--resume {cfg.resume}: no step_*.pt checkpoints in that folder")
+            fail(f"--resume {cfg.resume}: no step_*.pt (or .dcp) checkpoints in that folder")
     else:
         candidates = [cfg.resume]  # a checkpoint file, possibly one of this run's own: a rewind
     for path in candidates:
@@ -635,6 +723,9 @@ def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
     if diff:
         fail(f"the checkpoint's model differs: {diff} (checkpoint, now); resume with the same model flags "
              f"or start a new --run_name")
+    if saved_train.get("parallelism", "ddp") != cfg.parallelism:
+        fail(f"--parallelism {cfg.parallelism}: the checkpoint was saved with {saved_train.get('parallelism', 'ddp')}, "
+             f"in its format; resume with it or start a new --run_name")
     if saved_train.get("optimizer", "adamw") != cfg.optimizer:
         fail(f"--optimizer {cfg.optimizer}: the checkpoint was trained with {saved_train.get('optimizer', 'adamw')}, "
              f"whose state it holds; resume with it or start a new --run_name")
@@ -727,18 +818,41 @@ def on_rank0(fn, rank, world_size):
     return value
 
 
-def on_each_node(fn, local_rank, world_size):
-    """Run fn on the first rank of every node; every rank gets {node: result} (torchrun's GROUP_RANK
-    numbers the nodes), or every rank stops with the first node's error."""
+def shard_model(model, cfg, model_cfg, ptdtype):
+    """FSDP2: every block is one unit (its weights gathered just before its forward and backward, freed
+    after), the embeddings, final norm and head the root unit. With bf16, weights are gathered in bf16 for
+    the matmuls and gradients reduced in fp32; the fp32 master weights and AdamW state stay sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    unsupported = {"--optimizer " + cfg.optimizer: cfg.optimizer != "adamw", "--ema_stds": bool(cfg.ema_stds),
+                   "--mp": model_cfg.mp, "--ngpt": model_cfg.ngpt, "--dtype float16": ptdtype == torch.float16,
+                   "--checkpoint_per_node": cfg.checkpoint_per_node}
+    if used := [flag for flag, on in unsupported.items() if on]:
+        fail(f"--parallelism fsdp does not support {', '.join(used)} yet (they need whole weight matrices or "
+             f"a full copy per node); use --parallelism ddp")
+    policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) \
+        if ptdtype != torch.float32 else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def node_of(rank):
+    """The node a rank runs on: torchrun numbers ranks node by node, LOCAL_WORLD_SIZE per node."""
+    return rank // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def on_each_node(fn, rank, local_rank, world_size):
+    """Run fn on the first rank of every node; every rank gets {node: result}, or every rank stops with
+    the first node's error."""
     mine = None
     if local_rank == 0:
         try:
-            mine = ("ok", fn())
+            mine = (node_of(rank), "ok", fn())
         except SystemExit as e:
-            mine = ("error", str(e))
+            mine = (node_of(rank), "error", str(e))
         except Exception as e:
-            mine = ("error", f"error: {e}")
-        mine = (int(os.environ.get("GROUP_RANK", 0)), *mine)
+            mine = (node_of(rank), "error", f"error: {e}")
     results = [mine]
     if world_size > 1:
         results = [None] * world_size
@@ -760,6 +874,10 @@ def download_hellaswag():
 def train(cfg, model_cfg):
     """Run (or resume) one training run; returns the run's folders and final evaluation figures."""
     rank, local_rank, world_size, device = setup_distributed(cfg)
+    if cfg.tensorboard:  # asked for explicitly: checked on every rank, before any work
+        import_monitor("tensorboard", required=True)
+    if cfg.wandb_project:
+        import_monitor("wandb", required=True)
     if cfg.find_micro_batch:
         if cfg.find_micro_batch not in ("print", "use") or not device.startswith("cuda"):
             fail(f"--find_micro_batch {cfg.find_micro_batch}: takes print or use, and a CUDA GPU (elsewhere "
@@ -770,17 +888,18 @@ def train(cfg, model_cfg):
                   f"({cfg.total_batch_size // (found * cfg.seq_len * world_size)} accumulation steps); "
                   f"--micro_batch_size {found}")
         if cfg.find_micro_batch == "print":
-            if world_size > 1:
+            if dist.is_initialized():
                 dist.destroy_process_group()
             return {"micro_batch_size": found}
         cfg = replace(cfg, micro_batch_size=found)
+        torch.cuda.reset_peak_memory_stats()  # the log's memory figures are the run's, not the search's
     stop = StopSignal()
     try:
         with contextlib.ExitStack() as closing:  # the run's log writers, closed however _train ends
             return _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing)
     finally:
         stop.restore()
-        if world_size > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -797,10 +916,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         fail("--rope_scaling (YaRN) stretches a trained model's context at evaluation; train with 1")
     if cfg.lr_schedule not in ("cosine", "inv_sqrt"):
         fail(f"--lr_schedule {cfg.lr_schedule}: choose cosine or inv_sqrt")
-    if cfg.tensorboard:  # asked for explicitly: checked on every rank, before any work
-        import_monitor("tensorboard", required=True)
-    if cfg.wandb_project:
-        import_monitor("wandb", required=True)
+    if cfg.parallelism not in ("ddp", "fsdp"):
+        fail(f"--parallelism {cfg.parallelism}: choose ddp or fsdp")
     ptdtype = resolve_dtype(cfg, device_type)
     autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
@@ -817,6 +934,9 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     raw_model = GPT(model_cfg).to(device)
+    fsdp = cfg.parallelism == "fsdp"
+    if fsdp:
+        shard_model(raw_model, cfg, model_cfg, ptdtype)
     if cfg.optimizer not in ("adamw", *MATRIX_KINDS) or cfg.muon_scale not in ("keller", "moonlight"):
         fail(f"--optimizer {cfg.optimizer} --muon_scale {cfg.muon_scale}: choose one of adamw, "
              f"{', '.join(MATRIX_KINDS)}, and keller or moonlight")
@@ -849,17 +969,17 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
 
     start_step, evals, wandb_id = 0, {}, None
     if cfg.checkpoint_per_node:  # every node looks on its own disk, and all must find the same checkpoint
-        found = on_each_node(lambda: find_resume_checkpoint(cfg, ckpt_dir), local_rank, world_size)
+        found = on_each_node(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, local_rank, world_size)
         names = {node: os.path.basename(path) if path else "none" for node, path in found.items()}
         if len(set(names.values())) > 1:
             fail(f"--checkpoint_per_node: the nodes would resume from different checkpoints ("
                  + ", ".join(f"node {node}: {name}" for node, name in sorted(names.items()))
                  + f"); copy the newest checkpoint folder to every node's {ckpt_dir}, or start a new --run_name")
-        ckpt_path = found[int(os.environ.get("GROUP_RANK", 0))]
+        ckpt_path = found[node_of(rank)]
     else:
         ckpt_path = on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
     if ckpt_path:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, weights=not fsdp)
         changes = check_resume_settings(ckpt, cfg, model_cfg, fingerprint)
         if ckpt.get("finished") and ckpt["step"] >= cfg.max_steps:
             log(f"run {run_name} already finished at step {ckpt['step']} ({ckpt_path}); "
@@ -868,9 +988,12 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         if ckpt["step"] > cfg.max_steps:
             fail(f"{ckpt_path} is at step {ckpt['step']}, beyond --max_steps {cfg.max_steps}; raise --max_steps, "
                  f"or resume from an earlier checkpoint with --resume PATH")
-        raw_model.load_state_dict(ckpt["model"])
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if fsdp:  # each rank reads its own shards (resharded if the number of ranks changed)
+            load_sharded_checkpoint(ckpt_path, raw_model, optimizer)
+        else:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         for group, now in zip(optimizer.param_groups, settings):  # the state is restored, the settings
             group.update(now)  # (lr, betas, weight decay...) are this command's: a changed flag takes effect
         if ckpt["scaler"]:  # empty when saved without fp16 loss scaling
@@ -901,13 +1024,14 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                 os.remove(path)
 
     model = torch.compile(raw_model) if use_compile else raw_model
-    if world_size > 1:
+    if world_size > 1 and not fsdp:
         # no buffer broadcasts: the model has no running statistics, only caches every rank computes itself
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
     hella_examples = None
     if cfg.hellaswag_every:
-        path = cfg.hellaswag_file or on_rank0(download_hellaswag, rank, world_size)  # rank 0 downloads once
+        # each node's first rank downloads it once (nodes need not share a disk)
+        path = cfg.hellaswag_file or on_each_node(download_hellaswag, rank, local_rank, world_size)[node_of(rank)]
         hella_examples = hellaswag.load_examples(path, limit=cfg.hellaswag_limit or None)
     enc = gpt2_tokenizer() if cfg.sample_every else None
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
@@ -917,6 +1041,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     if master:
         resolved = {"train": asdict(cfg), "model": asdict(model_cfg),
                     "run": {"run_name": run_name, "git_commit": git_commit(), "torch": torch.__version__,
+                            "host": socket.gethostname(),
                             "device": torch.cuda.get_device_name() if device_type == "cuda" else device,
                             "world_size": world_size, "dtype": str(ptdtype).removeprefix("torch."),
                             "compile": use_compile, "grad_accum_steps": accum, "argv": sys.argv,
@@ -946,16 +1071,17 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        if writer:
-            state = {"step": step,  # optimizer steps done: training continues at this step
-                     "model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
-                     "model_config": asdict(model_cfg), "train_config": asdict(cfg),
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "loader": train_loader.state_dict(), "rng": rngs,
-                     "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size,
-                     "ema": ema.state_dict() if ema else None,
-                     "wandb_id": wandb_id}
-            path = save_checkpoint(ckpt_dir, state, cfg.keep_checkpoints)
+        state = {"step": step,  # optimizer steps done: training continues at this step
+                 "model_config": asdict(model_cfg), "train_config": asdict(cfg), "scaler": scaler.state_dict(),
+                 "loader": train_loader.state_dict(), "rng": rngs,
+                 "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size,
+                 "ema": ema.state_dict() if ema else None, "wandb_id": wandb_id}
+        if fsdp:  # every rank writes its shards
+            path = save_sharded_checkpoint(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, master)
+        elif writer:
+            path = save_checkpoint(ckpt_dir, {**state, "model": raw_model.state_dict(),  # unwrapped: plain names
+                                              "optimizer": optimizer.state_dict()}, cfg.keep_checkpoints)
+        if master:
             log(f"saved {path}")
             runlog.event("checkpoint", step=step, path=path)
         last_save = time.time()
@@ -974,15 +1100,20 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             evaluated = True
 
         if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
+            if fsdp:  # evaluate calls model.features / model.head, not forward: gather the root's weights
+                raw_model.unshard()
             res = hellaswag.evaluate(raw_model, hella_examples, device=device, rank=rank, world_size=world_size,
-                                     autocast_dtype=None if ptdtype == torch.float32 else ptdtype)
+                                     autocast_dtype=None if ptdtype == torch.float32 else ptdtype, lockstep=fsdp)
+            if fsdp:
+                raw_model.reshard()
             evals["hellaswag"] = res["acc_norm"]
             log(f"step {step:5d} | hellaswag acc_norm {res['acc_norm']:.4f} ({res['correct_norm']}/{res['n']})")
             runlog.event("hella", step=step, **res)
             evaluated = True
 
+        if cfg.sample_every and (step % cfg.sample_every == 0 or last_step) and (master or fsdp):
+            samples = write_samples(raw_model, enc, cfg, step, device, autocast)  # FSDP: every rank, in step
         if cfg.sample_every and (step % cfg.sample_every == 0 or last_step) and master:
-            samples = write_samples(raw_model, enc, cfg, step, device, autocast)
             with open(os.path.join(run_dir, "samples.txt"), "a") as f:
                 f.write("".join(f"step {step} sample {i}: {s!r}\n" for i, s in enumerate(samples)))
             for i, s in enumerate(samples):
@@ -1003,7 +1134,9 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         for micro_step in range(accum):
             x, y = train_loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if world_size > 1:  # all-reduce gradients only once, after the last micro-step
+            if fsdp:  # reduce-scatter gradients only once, after the last micro-step
+                raw_model.set_requires_gradient_sync(micro_step == accum - 1)
+            elif world_size > 1:  # all-reduce gradients only once, after the last micro-step
                 model.require_backward_grad_sync = micro_step == accum - 1
             with autocast:
                 _, loss = model(x, y)
@@ -1012,6 +1145,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        if fsdp:
+            norm = norm.full_tensor()  # a DTensor: the norm over all shards
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)  # muon's matrices follow the schedule at their own lr

@@ -93,9 +93,31 @@ def test_report_of_a_run_that_died(tmp_path, capsys):
     assert "| training time | 0h 00m 06.0s" in report  # 1 + 1 + 3 (the resumed step 2) + 1
     assert "| mean tokens/s | 667 " in report
     assert "| mean MFU | 43.3% |" in report  # (0.2·1 + 0.2·1 + 0.6·3 + 0.4·1) / 6
-    assert "| final val loss | 6.5000 (step 4) |" in report and "| best val loss | 6.0000 (step 3) |" in report
+    # the step-3 val came before the kill: the resume from step 2 discards it (its future was redone)
+    assert "| final val loss | 6.5000 (step 4) |" in report and "| best val loss | 6.5000 (step 4) |" in report
     assert "cuda:0 × 8, bfloat16, compile True" in report and "pos=rope" in report
     assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    # it is rewound to its step-3 checkpoint and stopped by a signal; then resumed again and dies:
+    # incomplete, not "stopped"
+    log += [{"event": "resume", "time": 300.0, "step": 3}, train(3, 301.0, 1000, 0.4), train(4, 302.0, 1000, 0.4),
+            {"event": "stop", "time": 303.0, "step": 5}, {"event": "resume", "time": 400.0, "step": 5},
+            train(5, 401.0, 1000, 0.4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    report = plot.write_report(str(run)) and (run / "report.md").read_text()
+    assert "incomplete: the log ends at step 6 of 100" in report
+    assert "| final val loss | 9.0000 (step 0) |" in report  # the step-4 val came before the rewind to 3
+    log.append({"event": "stop", "time": 402.0, "step": 6})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    assert "stopped by a signal at step 6 of 100" in (plot.write_report(str(run)) and (run / "report.md").read_text())
+
+    # a run seeded from another's step-90 checkpoint: the model has seen 96,000 tokens, this run trained 6,000
+    seeded = [{"event": "resume", "time": 0.0, "step": 90}, *[train(s, 1.0 + s, 1000, 0.5) for s in range(90, 96)],
+              {"event": "end", "time": 100.0, "step": 96}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in seeded))
+    report = plot.write_report(str(run)) and (run / "report.md").read_text()
+    assert "finished: 96 of 100 steps" in report and "| tokens | 96,000 |" in report
+    assert "| mean tokens/s | 1,000 " in report  # 6 steps × 1000 tokens in 6 s
 
     with pytest.raises(SystemExit, match="has no config.json; is it a run folder"):
         plot.main(["--report", str(tmp_path)])

@@ -20,7 +20,8 @@ def test_presets_have_gpt2s_parameter_counts(preset, published):
     assert estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size=8) < 75 * 2**30
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 128, 128, 4, 50257), (6, 6, 384, 128, 2, 50257), (3, 8, 512, 256, 2, 4096)])
+@pytest.mark.parametrize("shape", [(2, 4, 128, 128, 4, 50257), (6, 6, 384, 128, 2, 50257), (3, 8, 512, 256, 2, 4096),
+                                   (8, 4, 256, 256, 8, 512)])  # the last: activations are most of it
 def test_memory_estimate_bounds_the_measured_peak(shape):
     """The estimate against what torch's MemTracker counts in a second training step (bf16 autocast, CPU):
     never below it, and not more than 30% above."""
@@ -154,3 +155,65 @@ def test_two_nodes_per_node_checkpoints(small_shards, tmp_path):
     results = two_nodes(tmp_path, lambda n: [*node_args(n), "--max_steps", "9"])
     assert all(rc != 0 for rc, _ in results)
     assert any("the nodes would resume from different checkpoints" in out and "none" in out for _, out in results)
+
+
+def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hellaswag_file, tmp_path):
+    """--parallelism fsdp on 2 CPU processes: the same losses, HellaSwag and samples as DDP; sharded
+    checkpoints (torch.distributed.checkpoint) that hold DDP's weights, and resume exactly on 2 ranks
+    and, resharded, on 1."""
+    import shutil
+
+    from conftest import run_script
+    from test_train_gpt2 import events, final_weights, losses_by_step, tiny_args, torchrun
+    from train_gpt2 import load_checkpoint, verify_checkpoint
+
+    common = ["--max_steps", "6", "--val_every", "3", "--checkpoint_every", "3", "--hellaswag_every", "3",
+              "--hellaswag_file", hellaswag_file, "--hellaswag_limit", "5", "--sample_every", "6",
+              "--num_samples", "2", "--sample_tokens", "4"]
+    torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", *common))
+    fsdp = tiny_args(tmp_path, small_shards, "fsdp", *common, "--parallelism", "fsdp")
+    torchrun(2, *fsdp)
+    logs = tmp_path / "logs"
+    for kind, key in (("train", "loss"), ("val", "val_loss"), ("hella", "acc_norm")):
+        assert losses_by_step(logs / "fsdp", kind, key) == pytest.approx(losses_by_step(logs / "ddp", kind, key),
+                                                                        rel=1e-5), kind
+    assert events(logs / "fsdp", "sample")[0]["samples"] == events(logs / "ddp", "sample")[0]["samples"]
+
+    ckpt = tmp_path / "ckpt" / "fsdp"
+    assert (ckpt / "latest").read_text().strip() == "step_000006.dcp"
+    assert verify_checkpoint(str(ckpt / "step_000006.dcp")) is None
+    full = load_checkpoint(str(ckpt / "step_000006.dcp"))  # gathered in one process, no process group
+    assert full["step"] == 6 and set(full["optimizer"]["state"])
+    for k, v in final_weights(tmp_path / "ckpt" / "ddp").items():
+        torch.testing.assert_close(full["model"][k], v, rtol=1e-4, atol=1e-5)
+    import hellaswag
+
+    model = hellaswag.load_model(str(ckpt), "cpu")  # the folder's `latest` names the .dcp
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], full["model"]["lm_head.weight"])
+
+    def rewind_to_step_3():
+        shutil.rmtree(ckpt / "step_000006.dcp")
+        (ckpt / "step_000006.json").unlink()
+        (ckpt / "latest").write_text("step_000003.dcp\n")
+
+    whole = losses_by_step(logs / "fsdp")
+    rewind_to_step_3()
+    torchrun(2, *fsdp)  # the same command, on 2 ranks: exactly the same steps again
+    assert losses_by_step(logs / "fsdp") == whole
+    rewind_to_step_3()
+    run_script("train_gpt2.py", *fsdp)  # on 1 rank: resharded, the same up to float summation order
+    assert [e["world_size"] for e in events(logs / "fsdp", "resume")] == [2, 1]
+    assert losses_by_step(logs / "fsdp") == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_under_compile(small_shards, tmp_path):
+    """torch.compile of the FSDP2-sharded model (2 CPU processes) trains like the eager one."""
+    from test_train_gpt2 import losses_by_step, tiny_args, torchrun
+
+    common = ["--max_steps", "3", "--val_every", "3", "--parallelism", "fsdp"]
+    torchrun(2, *tiny_args(tmp_path, small_shards, "eager", *common))
+    torchrun(2, *tiny_args(tmp_path, small_shards, "compiled", *common, "--compile"))
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        assert losses_by_step(tmp_path / "logs" / "compiled", kind, key) == \
+            pytest.approx(losses_by_step(tmp_path / "logs" / "eager", kind, key), rel=1e-4)
