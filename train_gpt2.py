@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -319,12 +318,11 @@ def setup_distributed(cfg):
         device = f"cuda:{local_rank}"  # one GPU per process on each node (local_rank 0 without torchrun)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    if world_size > 1 or cfg.parallelism == "fsdp":  # FSDP shards over a process group, even of one
-        if "MASTER_ADDR" not in os.environ:  # plain python, not torchrun: a group of one on this machine
-            with socket.socket() as s:
-                s.bind(("localhost", 0))
-                os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if world_size > 1:
+        dist.init_process_group(backend=backend)
+    elif cfg.parallelism == "fsdp":  # FSDP shards over a process group, even a group of one
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, local_rank, world_size, device
 
 
@@ -549,7 +547,7 @@ def save_checkpoint(ckpt_dir, state, keep):
     return path
 
 
-def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, master):
+def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size):
     """FSDP: every rank writes its shards of the weights and optimizer state with torch.distributed.checkpoint
     into step_NNNNNN.dcp/ (a folder, resumable on any number of ranks); rank 0 adds the rest of `state`
     as train_state.pt and records every file's size and sha256 in step_NNNNNN.json. Written under a
@@ -561,13 +559,12 @@ def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, master):
 
     name = f"step_{state['step']:06d}"
     final, tmp = os.path.join(ckpt_dir, name + ".dcp"), os.path.join(ckpt_dir, f".{name}.dcp.tmp")
-    if master:
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)  # ends with a barrier
-    if master:
+
+    def finish():
         with atomic_write(os.path.join(tmp, "train_state.pt")) as f:
             torch.save(state, f)
         files = {n: file_digest(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
@@ -580,7 +577,12 @@ def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, master):
         if keep:
             for old in list_checkpoints(ckpt_dir)[keep:]:
                 remove_checkpoint(old)
-    return final
+        return final
+
+    on_rank0(prepare, rank, world_size)  # rank 0's file work, its errors told to every rank
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    return on_rank0(finish, rank, world_size)
 
 
 def load_sharded_checkpoint(path, model, optimizer):
@@ -595,17 +597,20 @@ def load_sharded_checkpoint(path, model, optimizer):
 
 
 def load_checkpoint(path, weights=True):
-    """A checkpoint as one dict ("model", "optimizer", "step", configs, ...), from a step_NNNNNN.pt file or an
-    FSDP step_NNNNNN.dcp folder (gathered into full tensors on the CPU; weights=False skips that)."""
+    """A checkpoint as one dict ("model", "step", configs, ...), from a step_NNNNNN.pt file (with "optimizer")
+    or an FSDP step_NNNNNN.dcp folder (its weights gathered whole on the CPU, not its optimizer state;
+    weights=False skips them)."""
     if not os.path.isdir(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
     if weights:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        import torch.distributed.checkpoint as dcp
 
-        with tempfile.TemporaryDirectory() as tmp:  # no process group needed: one process reads every shard
-            dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
-            state.update(torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True))
+        with torch.device("meta"):  # the names and shapes to read, nothing allocated
+            names = GPT(GPTConfig(**state["model_config"])).state_dict()
+        model = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in names.items()}
+        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)  # one process reads every shard
+        state["model"] = model
     return state
 
 
@@ -687,7 +692,7 @@ def find_resume_checkpoint(cfg, ckpt_dir):
         # --resume PATH seeded this run earlier; re-running the same command continues the run itself
         print(f"{ckpt_dir} already holds this run's checkpoints: continuing from those, not from {cfg.resume}")
         candidates = own
-    elif os.path.isdir(cfg.resume):
+    elif os.path.isdir(cfg.resume) and not os.path.isfile(os.path.join(cfg.resume, "train_state.pt")):
         candidates = list_checkpoints(cfg.resume)
         if not candidates:
             fail(f"--resume {cfg.resume}: no step_*.pt (or .dcp) checkpoints in that folder")
@@ -835,6 +840,9 @@ def shard_model(model, cfg, model_cfg, ptdtype):
     for block in model.transformer.h:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    with torch.no_grad():  # FSDP sets itself up at the first forward, which must be the whole model's (not
+        model(torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device))  # HellaSwag's parts)
+    model.reshard()  # the root keeps its weights gathered after a forward: the optimizer must get the shards
 
 
 def node_of(rank):
@@ -1077,7 +1085,7 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                  "data": fingerprint, "evals": evals, "finished": finished, "world_size": world_size,
                  "ema": ema.state_dict() if ema else None, "wandb_id": wandb_id}
         if fsdp:  # every rank writes its shards
-            path = save_sharded_checkpoint(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, master)
+            path = save_sharded_checkpoint(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, rank, world_size)
         elif writer:
             path = save_checkpoint(ckpt_dir, {**state, "model": raw_model.state_dict(),  # unwrapped: plain names
                                               "optimizer": optimizer.state_dict()}, cfg.keep_checkpoints)
@@ -1134,9 +1142,8 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         for micro_step in range(accum):
             x, y = train_loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if fsdp:  # reduce-scatter gradients only once, after the last micro-step
-                raw_model.set_requires_gradient_sync(micro_step == accum - 1)
-            elif world_size > 1:  # all-reduce gradients only once, after the last micro-step
+            # (FSDP reduce-scatters every micro-step: skipping it would keep whole fp32 gradients on each rank)
+            if world_size > 1 and not fsdp:  # all-reduce gradients only once, after the last micro-step
                 model.require_backward_grad_sync = micro_step == accum - 1
             with autocast:
                 _, loss = model(x, y)
