@@ -17,3 +17,14 @@ def test_bench_train_prints_every_figure():
     assert re.search(r"peak memory\s+[\d.]+ GiB", out)
     assert re.search(r"fwd\+bwd model.py\s+[\d,]+ tokens/s \| HF GPT2LMHeadModel\s+[\d,]+ tokens/s \| ratio [\d.]+", out)
     assert "64 tokens = 2 × 32 × 1 micro-steps" in out
+
+
+def test_bench_optim_times_every_optimizer():
+    out = run_script("bench/bench_optim.py", "--iters", "1", "--warmup", "1", "--n_layer", "1", "--n_head", "2",
+                     "--n_embd", "32", "--block_size", "32", "--seq_len", "32", "--micro_batch_size", "2",
+                     "--device", "cpu").stdout
+    fb = float(re.search(r"forward\+backward:\s+([\d.]+) ms", out).group(1))
+    for kind in ("adamw", "muon", "sphere", "manifold_muon"):
+        m = re.search(rf"\b{kind} step:\s+([\d.]+) ms\s+\(\s*([\d.]+)% of", out)
+        assert m, (kind, out)
+        assert abs(float(m.group(2)) - 100 * float(m.group(1)) / (fb + float(m.group(1)))) < 0.1
