@@ -180,7 +180,8 @@ def write_report(run_dir):
     fmt = (lambda x: f"{x[1]:.4f} (step {x[0]})")
     rows = [
         ("status", status), ("git commit", run.get("git_commit") or "unknown"), ("torch", run.get("torch", "?")),
-        ("hardware", f"{run['device']} × {run['world_size']}, {run['dtype']}, compile {run['compile']}"),
+        ("hardware", f"{run['device']} × {run['world_size']}, {run['dtype']}, compile {run['compile']}"
+                     + (f"; rank 0 on {run['host']}" if run.get("host") else "")),
         ("model", f"{params} parameters: {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, "
                   f"context {m['block_size']}" + (f"; {switches}" if switches else "")),
         ("batch", f"{t['total_batch_size']:,} tokens ({t['micro_batch_size']} × {t['seq_len']} × "
