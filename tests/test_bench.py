@@ -27,4 +27,5 @@ def test_bench_optim_times_every_optimizer():
     for kind in ("adamw", "muon", "sphere", "manifold_muon"):
         m = re.search(rf"\b{kind} step:\s+([\d.]+) ms\s+\(\s*([\d.]+)% of", out)
         assert m, (kind, out)
-        assert abs(float(m.group(2)) - 100 * float(m.group(1)) / (fb + float(m.group(1)))) < 0.1
+        # the share of the printed (rounded to 0.1 ms) times: equal up to that rounding
+        assert abs(float(m.group(2)) - 100 * float(m.group(1)) / (fb + float(m.group(1)))) < 1.0
