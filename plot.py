@@ -35,14 +35,9 @@ def read_run(run_dir):
     jsonl, txt = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "log.txt")
     if os.path.exists(jsonl):
         key = {"train": "loss", "val": "val_loss", "hella": "acc_norm"}
-        with open(jsonl) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("event") in key:
-                    series[rec["event"]].append((rec["step"], rec[key[rec["event"]]]))
+        for rec in read_events(run_dir):
+            if rec.get("event") in key:
+                series[rec["event"]].append((rec["step"], rec[key[rec["event"]]]))
     elif os.path.exists(txt):  # build-nanogpt's "{step} {train|val|hella} {value}"
         with open(txt) as f:
             for line in f:

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -539,12 +540,18 @@ def save_checkpoint(ckpt_dir, state, keep):
     with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
         json.dump({"file": name + ".pt", "step": state["step"], "bytes": writer.size,
                    "sha256": writer.sha256.hexdigest()}, f)
+    publish_checkpoint(ckpt_dir, name + ".pt", keep)
+    return path
+
+
+def publish_checkpoint(ckpt_dir, name, keep):
+    """Point `latest` at a complete checkpoint, then prune to the `keep` newest (only now that the new
+    one is safe; it is the first in the list, never pruned)."""
     with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
-        f.write(name + ".pt\n")
-    if keep:  # only now that the new one is safe; it is the first in the list, never pruned
+        f.write(name + "\n")
+    if keep:
         for old in list_checkpoints(ckpt_dir)[keep:]:
             remove_checkpoint(old)
-    return path
 
 
 def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size):
@@ -552,8 +559,6 @@ def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world
     into step_NNNNNN.dcp/ (a folder, resumable on any number of ranks); rank 0 adds the rest of `state`
     as train_state.pt and records every file's size and sha256 in step_NNNNNN.json. Written under a
     temporary name and renamed whole, so a kill leaves no half checkpoint."""
-    import shutil
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -572,11 +577,7 @@ def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world
         os.replace(tmp, final)
         with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
             json.dump({"file": name + ".dcp", "step": state["step"], "files": files}, f)
-        with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
-            f.write(name + ".dcp\n")
-        if keep:
-            for old in list_checkpoints(ckpt_dir)[keep:]:
-                remove_checkpoint(old)
+        publish_checkpoint(ckpt_dir, name + ".dcp", keep)
         return final
 
     on_rank0(prepare, rank, world_size)  # rank 0's file work, its errors told to every rank
@@ -624,8 +625,6 @@ def file_digest(path):
 
 
 def remove_checkpoint(path):
-    import shutil
-
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -805,16 +804,20 @@ def write_samples(raw_model, enc, cfg, step, device, autocast):
 # ---------------------------------------------------------------------------
 # the training run
 
+def attempt(fn):
+    """("ok", fn()) or ("error", message): an error one rank meets must reach the others too, or they
+    wait forever in the next collective."""
+    try:
+        return "ok", fn()
+    except SystemExit as e:
+        return "error", str(e)
+    except Exception as e:
+        return "error", f"error: {e}"
+
+
 def on_rank0(fn, rank, world_size):
     """Run fn on rank 0 only and hand every rank its result, or its error, so all ranks agree."""
-    result = [None]
-    if rank == 0:
-        try:
-            result = [("ok", fn())]
-        except SystemExit as e:
-            result = [("error", str(e))]
-        except Exception as e:  # the other ranks must hear of it too, or they wait forever
-            result = [("error", f"error: {e}")]
+    result = [attempt(fn) if rank == 0 else None]
     if world_size > 1:
         dist.broadcast_object_list(result, src=0)
     kind, value = result[0]
@@ -853,14 +856,7 @@ def node_of(rank):
 def on_each_node(fn, rank, local_rank, world_size):
     """Run fn on the first rank of every node; every rank gets {node: result}, or every rank stops with
     the first node's error."""
-    mine = None
-    if local_rank == 0:
-        try:
-            mine = (node_of(rank), "ok", fn())
-        except SystemExit as e:
-            mine = (node_of(rank), "error", str(e))
-        except Exception as e:
-            mine = (node_of(rank), "error", f"error: {e}")
+    mine = (node_of(rank), *attempt(fn)) if local_rank == 0 else None
     results = [mine]
     if world_size > 1:
         results = [None] * world_size
