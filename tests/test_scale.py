@@ -184,12 +184,14 @@ def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hella
     assert verify_checkpoint(str(ckpt / "step_000006.dcp")) is None
     full = load_checkpoint(str(ckpt / "step_000006.dcp"))  # gathered in one process, no process group
     assert full["step"] == 6 and full["train_config"]["parallelism"] == "fsdp"
-    for k, v in final_weights(tmp_path / "ckpt" / "ddp").items():
-        torch.testing.assert_close(full["model"][k], v, rtol=1e-4, atol=1e-5)
     import hellaswag
 
-    model = hellaswag.load_model(str(ckpt), "cpu")  # the folder's `latest` names the .dcp
-    torch.testing.assert_close(model.state_dict()["lm_head.weight"], full["model"]["lm_head.weight"])
+    model = hellaswag.load_model(str(ckpt), "cpu").state_dict()  # the folder's `latest` names the .dcp
+    ddp_weights = final_weights(tmp_path / "ckpt" / "ddp")
+    assert set(model) >= set(ddp_weights)
+    for k, v in ddp_weights.items():  # both readers of the .dcp give the weights DDP trained
+        torch.testing.assert_close(full["model"][k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model[k], v, rtol=1e-4, atol=1e-5)
 
     whole, hella = losses_by_step(logs / "fsdp"), losses_by_step(logs / "fsdp", "hella", "acc_norm")
     rewind = [*fsdp, "--resume", str(ckpt / "step_000003.dcp")]
