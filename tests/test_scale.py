@@ -213,3 +213,20 @@ def test_fsdp_under_compile(small_shards, tmp_path):
     for kind, key in (("train", "loss"), ("val", "val_loss")):
         assert losses_by_step(tmp_path / "logs" / "compiled", kind, key) == \
             pytest.approx(losses_by_step(tmp_path / "logs" / "eager", kind, key), rel=1e-4)
+
+
+def test_fsdp_bf16_keeps_fp32_master_weights(small_shards, tmp_path):
+    """--dtype bfloat16 with FSDP (2 CPU processes): weights are gathered in bf16 for the matmuls
+    (MixedPrecisionPolicy), gradients reduced and weights kept in fp32. It trains like DDP under bf16
+    autocast, up to bf16 rounding, and its checkpoint holds fp32 weights."""
+    from test_train_gpt2 import losses_by_step, tiny_args, torchrun
+    from train_gpt2 import load_checkpoint
+
+    common = ["--max_steps", "4", "--val_every", "4", "--dtype", "bfloat16"]
+    torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", *common))
+    torchrun(2, *tiny_args(tmp_path, small_shards, "fsdp", *common, "--parallelism", "fsdp"))
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        fsdp, ddp = (losses_by_step(tmp_path / "logs" / run, kind, key) for run in ("fsdp", "ddp"))
+        assert fsdp.keys() == ddp.keys() and fsdp == pytest.approx(ddp, rel=1e-3), kind
+    weights = load_checkpoint(str(tmp_path / "ckpt" / "fsdp" / "step_000004.dcp"))["model"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
