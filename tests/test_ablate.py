@@ -16,8 +16,8 @@ TINY = ("--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --micro
 def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path):
     out = tmp_path / "res"
     args = ["ablate.py", "--base", TINY, "--data_dir", small_shards, "--tokens", "1152", "--out", str(out),
-            "--variant", "same=--max_lr 3e-3", "--variant", "hot=--max_lr 3e-2 --warmup_steps 1",
-            "--variant", "default_lr=--max_lr 6e-4",  # the default value, but not the base's: a change
+            "--variant", "same=--max_lr 3e-3",
+            "--variant", "default_lr=--max_lr 6e-4 --warmup_steps 1",  # 6e-4 is the default, not the base's: a change
             "--seeds", "1", "2", "--hellaswag_file", hellaswag_file]
     first = run_script(*args).stdout
     assert sorted(os.listdir(out)) == ["checkpoints", "loss_vs_time.png", "loss_vs_tokens.png", "results.json",
@@ -26,21 +26,21 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     res = json.loads((out / "results.json").read_text())
-    assert res["tokens"] == 1152 and list(res["variants"]) == ["baseline", "same", "hot", "default_lr"]
+    assert res["tokens"] == 1152 and list(res["variants"]) == ["baseline", "same", "default_lr"]
     curves = {n: [[p[3] for p in r["val"]] for r in runs] for n, runs in res["variants"].items()}
     assert all(len(c) == 4 for runs in curves.values() for c in runs)  # val at steps 0, 3, 6, 9
     assert curves["same"] == curves["baseline"]  # identical settings: identical curves, seed for seed
-    assert curves["hot"] != curves["baseline"]  # the runner really passes the settings through
+    assert curves["default_lr"] != curves["baseline"]  # the runner really passes the settings through
     assert curves["baseline"][0] != curves["baseline"][1]  # and the seed
     for runs in res["variants"].values():
         assert runs[0]["config"]["train"]["max_steps"] == 9 and runs[0]["config"]["run"]["git_commit"]
         assert runs[0]["hellaswag"] is not None
-    assert res["variants"]["hot"][0]["config"]["train"]["max_lr"] == 3e-2
     assert res["variants"]["default_lr"][0]["config"]["train"]["max_lr"] == 6e-4
+    assert res["variants"]["default_lr"][0]["config"]["train"]["warmup_steps"] == 1
 
     table = (out / "results.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| variant")]
-    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "same", "hot", "default_lr"]
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "same", "default_lr"]
     base = rows[0].split("|")
     assert "(1.00×)" in base[5] and "±" in base[4] and base[3].strip() == "1,152"
     assert rows[0].split("|")[4] == rows[1].split("|")[4]  # same final val loss, mean ± std
@@ -48,7 +48,7 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path):
 
     # rerunning the same command trains nothing again and writes the same table
     again = run_script(*args).stdout
-    assert again.count("finished earlier, with these settings") == 8
+    assert again.count("finished earlier, with these settings") == 6
     assert (out / "results.md").read_text().splitlines()[2:] == table[2:]
 
 
