@@ -216,9 +216,9 @@ def test_fsdp_under_compile(small_shards, tmp_path):
 
 
 def test_fsdp_bf16_keeps_fp32_master_weights(small_shards, tmp_path):
-    """--dtype bfloat16 with FSDP (2 CPU processes): weights are gathered in bf16 for the matmuls
-    (MixedPrecisionPolicy), gradients reduced and weights kept in fp32. It trains like DDP under bf16
-    autocast, up to bf16 rounding, and its checkpoint holds fp32 weights."""
+    """--dtype bfloat16 with FSDP (2 CPU processes): the bf16 MixedPrecisionPolicy path (bf16 shards
+    gathered over gloo, fp32 reduction) runs, trains like DDP under bf16 autocast up to bf16 rounding,
+    and its checkpoint holds fp32 master weights."""
     from test_train_gpt2 import losses_by_step, tiny_args, torchrun
     from train_gpt2 import load_checkpoint
 
