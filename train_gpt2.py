@@ -19,6 +19,7 @@ import contextlib
 import gc
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -1029,8 +1030,11 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
 
     model = torch.compile(raw_model) if use_compile else raw_model
     if world_size > 1 and not fsdp:
-        # no buffer broadcasts: the model has no running statistics, only caches every rank computes itself
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+        # no buffer broadcasts before each forward: the model's buffers are caches every rank computes itself
+        # (and MoE's per-rank load figures); torch 2.13 renamed the switch
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{no_sync: False})
 
     hella_examples = None
     if cfg.hellaswag_every:
