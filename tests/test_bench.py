@@ -27,5 +27,7 @@ def test_bench_optim_times_every_optimizer():
     for kind in ("adamw", "muon", "sphere", "manifold_muon"):
         m = re.search(rf"\b{kind} step:\s+([\d.]+) ms\s+\(\s*([\d.]+)% of", out)
         assert m, (kind, out)
-        # the share of the printed (rounded to 0.1 ms) times: equal up to that rounding
-        assert abs(float(m.group(2)) - 100 * float(m.group(1)) / (fb + float(m.group(1)))) < 1.0
+        # share = 100·s/(fb+s) of the printed times, each rounded to ±0.05 ms, so it may be off by up to
+        # 100·0.05·(fb+s)/(fb+s)² = 5/(fb+s) points, plus 0.05 for the printed share's own rounding
+        s = float(m.group(1))
+        assert abs(float(m.group(2)) - 100 * s / (fb + s)) <= 5 / (fb + s) + 0.05 + 1e-9, (kind, out)
