@@ -16,11 +16,6 @@ import json
 import os
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on a training node
-import matplotlib.pyplot as plt
-
 from data import atomic_write
 
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
@@ -55,7 +50,12 @@ def read_run(run_dir):
 
 def plot_runs(run_dirs, out_path):
     """Draw the runs into one PNG at out_path (written atomically)."""
-    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(14, 5))
+    # imported here: matplotlib takes a second to load, and only the process that draws needs it (rank 0
+    # of a training run); a bare Figure (no pyplot) needs no display, so it works on a headless node
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 5))
+    ax_loss, ax_hella = fig.subplots(1, 2)
     shown = [GPT2_124M_VAL_LOSS]  # loss values the y-axis must show
     for run_dir in run_dirs:
         s = read_run(run_dir)
@@ -83,7 +83,6 @@ def plot_runs(run_dirs, out_path):
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     with atomic_write(out_path) as f:
         f.write(buf.getvalue())
 
