@@ -1226,3 +1226,11 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # The run is done and its files closed: leave without Python's shutdown. A torch.distributed thread
+        # may still be releasing the last collective's tensors, which needs the interpreter, and torch aborts
+        # if it is being torn down by then ("terminate called without an active exception": rare, gloo on
+        # busy CPUs; it would turn a finished run into a failed exit code under torchrun)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
