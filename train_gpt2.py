@@ -1031,10 +1031,11 @@ def _train(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     model = torch.compile(raw_model) if use_compile else raw_model
     if world_size > 1 and not fsdp:
         # no buffer broadcasts before each forward: the model's buffers are caches every rank computes itself
-        # (and MoE's per-rank load figures); torch 2.13 renamed the switch
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else "broadcast_buffers"
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{no_sync: False})
+        # (and MoE's per-rank load figures). torch >= 2.13 calls it forward_sync_buffers, which still copies
+        # rank 0's buffers once at start-up: harmless, they are equal then
+        buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else {"broadcast_buffers": False}
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **buffers)
 
     hella_examples = None
     if cfg.hellaswag_every:
@@ -1226,11 +1227,12 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # The run is done and its files closed: leave without Python's shutdown. A torch.distributed thread
-        # may still be releasing the last collective's tensors, which needs the interpreter, and torch aborts
-        # if it is being torn down by then ("terminate called without an active exception": rare, gloo on
-        # busy CPUs; it would turn a finished run into a failed exit code under torchrun)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # The run is done and every file is closed: leave without Python's shutdown. When a process group was
+    # used (torchrun, or --parallelism fsdp), one of torch.distributed's threads may still be releasing the
+    # last collective's tensors, which needs the interpreter, and torch aborts if it is being torn down then
+    # ("terminate called without an active exception": rare, gloo on busy CPUs; a finished run would exit as
+    # failed). destroy_process_group() does not join those threads: torch keeps another reference to the
+    # group once torch._dynamo is imported after init_process_group, as the optimizer does.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
