@@ -50,8 +50,8 @@ def read_run(run_dir):
 
 def plot_runs(run_dirs, out_path):
     """Draw the runs into one PNG at out_path (written atomically)."""
-    # imported here: matplotlib takes a second to load, and only the process that draws needs it (rank 0
-    # of a training run); a bare Figure (no pyplot) needs no display, so it works on a headless node
+    # imported here: matplotlib is slow to import (~0.4 s, ~1 s without compiled bytecode) and only the
+    # process that draws needs it (rank 0 of a training run); a bare Figure (no pyplot) needs no display
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(14, 5))
