@@ -34,8 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from data import atomic_write
-from plot import GPT2_124M_VAL_LOSS
+from data import atomic_write, fail
+from runlog import GPT2_124M_VAL_LOSS
 from train_gpt2 import parse_args, parse_settings
 
 # A model and corpus small enough for 2 CPU cores (a few minutes a run), and GPT-2 124M on FineWeb-Edu.
@@ -52,10 +52,6 @@ FIXED = ("data_dir", "seq_len", "total_batch_size", "max_steps", "shuffle", "see
          "hellaswag_every", "hellaswag_file", "hellaswag_limit")
 # What ablate.py sets itself for every run
 OWNED = ("run_name", "log_dir", "checkpoint_dir", "resume", "checkpoint_every")
-
-
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
 
 
 def load_settings(spec):

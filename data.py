@@ -1,5 +1,6 @@
 """
-What several scripts share: the GPT-2 tokenizer (offline-safe) and atomic file writes.
+What several scripts share: the GPT-2 tokenizer (offline-safe), token shards and their loader, atomic
+file writes, and the one-line error for bad input.
 """
 
 import contextlib
@@ -90,6 +91,14 @@ def gpt2_tokenizer():
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
     return tiktoken.Encoding("gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: EOT})
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line that names the problem and the fix
+
+def fail(msg):
+    """One clear line on stderr and a non-zero exit, instead of a traceback."""
+    raise SystemExit(f"error: {msg}")
 
 
 # ---------------------------------------------------------------------------

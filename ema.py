@@ -24,7 +24,10 @@ import re
 import numpy as np
 import torch
 
-from data import atomic_write
+import hellaswag
+from data import DataLoader, atomic_write, fail
+from distributed import default_device
+from model import GPT, GPTConfig
 
 # ---------------------------------------------------------------------------
 # the power-function profile
@@ -159,10 +162,6 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import hellaswag
-    from data import DataLoader
-    from model import GPT, GPTConfig
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint_dir", help="a run's checkpoint folder (with ema/ snapshots)")
     parser.add_argument("--sigma_rels", default="0.01,0.02,0.03,0.05,0.07,0.10,0.15,0.20",
@@ -178,9 +177,6 @@ def main(argv=None):
     parser.add_argument("--hf_out", default="", help="with --save: also a Hugging Face folder (GPT-2 models)")
     args = parser.parse_args(argv)
 
-    def fail(msg):
-        raise SystemExit(f"error: {msg}")
-
     snapshots = list_snapshots(os.path.join(args.checkpoint_dir, "ema"))
     if not snapshots:
         fail(f"no EMA snapshots in {args.checkpoint_dir}/ema: train with --ema_stds and --ema_snapshot_every")
@@ -191,7 +187,7 @@ def main(argv=None):
     model_config, train = GPTConfig(**last["model_config"]), last["train_config"]
     if load(snapshots[-1][1])["model_config"] != last["model_config"]:
         fail(f"the snapshots in {args.checkpoint_dir}/ema are of another model than {ckpts[-1]}")
-    device = args.device or hellaswag.default_device()
+    device = args.device or default_device()
     dtype = hellaswag.default_autocast_dtype(device)  # bf16 on recent GPUs, as in training
     at_step = args.at_step or snapshots[-1][0]
     if at_step not in [step for step, _ in snapshots]:

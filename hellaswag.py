@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from checkpoint import load_model
 from data import EOT, atomic_write, gpt2_tokenizer
-from model import GPT, HF_MODEL_NAMES, GPTConfig
+from distributed import default_device
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hellaswag")
@@ -196,38 +197,6 @@ def evaluate(model, examples, *, device, batch_size=16, rank=0, world_size=1, au
 
 # ---------------------------------------------------------------------------
 # Command line
-
-
-def load_model(spec, device):
-    """A GPT from `spec`: a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local
-    HF folder (config.json + weights), a checkpoint file (a dict with "model", the state dict, and
-    "model_config", the GPTConfig fields), an FSDP checkpoint (step_NNNNNN.dcp/) or a checkpoint folder
-    whose `latest` file names one."""
-    if os.path.isfile(os.path.join(spec, "latest")):
-        with open(os.path.join(spec, "latest")) as f:
-            spec = os.path.join(spec, f.read().strip())
-    if spec in HF_MODEL_NAMES or os.path.isfile(os.path.join(spec, "config.json")):
-        model = GPT.from_pretrained(spec)
-    elif os.path.isfile(spec) or os.path.isfile(os.path.join(spec, "train_state.pt")):  # a file, or FSDP's folder
-        from train_gpt2 import load_checkpoint
-
-        ckpt = load_checkpoint(spec)
-        if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
-            raise ValueError(f"{spec}: a checkpoint must be a dict with 'model' and 'model_config'")
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    else:
-        raise ValueError(f"--model {spec}: expected one of {', '.join(HF_MODEL_NAMES)}, a Hugging Face folder "
-                         "(with config.json), a checkpoint file, or a checkpoint folder with a 'latest' file")
-    return model.to(device)
-
-
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def default_autocast_dtype(device):

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distributed  # noqa: E402
 import train_gpt2  # noqa: E402
 from model import GPT  # noqa: E402
 from optim import MATRIX_KINDS, build_optimizer  # noqa: E402
@@ -51,7 +52,7 @@ def main(argv=None):
     cfg, model_cfg = train_gpt2.parse_args(rest or PROXY)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
     device_type = device.split(":")[0]
-    ptdtype = train_gpt2.resolve_dtype(cfg, device_type)
+    ptdtype = distributed.resolve_dtype(cfg, device_type)
     autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)

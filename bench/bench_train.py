@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distributed  # noqa: E402
 import train_gpt2  # noqa: E402
 from data import write_shard  # noqa: E402
 from model import GPT  # noqa: E402
@@ -124,10 +125,10 @@ def main():
     cfg.device = device
     device_type = device.split(":")[0]
     cfg.compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
-    ptdtype = train_gpt2.resolve_dtype(cfg, device_type)
+    ptdtype = distributed.resolve_dtype(cfg, device_type)
     torch.set_float32_matmul_precision("high")
     tokens = cfg.total_batch_size
-    peak = train_gpt2.peak_flops_per_device(cfg, device_type)
+    peak = distributed.peak_flops_per_device(cfg, device_type)
 
     with tempfile.TemporaryDirectory() as tmp:
         # random tokens: speed does not depend on what they say

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ema
-import hellaswag
+from checkpoint import load_model
 from test_train_gpt2 import events, run_inprocess, tiny_args
 
 
@@ -143,7 +143,7 @@ def test_training_snapshots_resume_exactly_and_the_cli_sweeps(small_shards, tmp_
 
     # a chosen σ_rel saved as a checkpoint that hellaswag.py / GPT load
     ema.main([str(ckpt), "--save", "0.1", "--device", "cpu"])
-    model = hellaswag.load_model(str(ckpt / "ema_0.100.pt"), "cpu")
+    model = load_model(str(ckpt / "ema_0.100.pt"), "cpu")
     torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight,
                                ema.reconstruct(ema.list_snapshots(ckpt / "ema"), [0.1])[0]["transformer.h.0.mlp.c_fc.weight"])
 

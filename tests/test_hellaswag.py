@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import hellaswag
+from checkpoint import load_model
 from conftest import make_hellaswag_examples as make_examples
 from model import GPT, GPTConfig
 
@@ -40,7 +41,7 @@ def data_file(tmp_path_factory, examples):
 
 @pytest.fixture(scope="module")
 def hf_gpt(tiny_hf_dir):
-    return hellaswag.load_model(tiny_hf_dir, "cpu")
+    return load_model(tiny_hf_dir, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_load_examples(data_file, examples):
 
 @pytest.mark.parametrize("which", ["hf_dir", "checkpoint"])
 def test_batched_matches_reference(which, hf_gpt, ckpt_dir, examples, enc):
-    model = hf_gpt if which == "hf_dir" else hellaswag.load_model(ckpt_dir, "cpu")
+    model = hf_gpt if which == "hf_dir" else load_model(ckpt_dir, "cpu")
     if which == "checkpoint":
         assert model.config.block_size == 64 and model.config.padded_vocab_size == 50304
         longest = max(len(enc.encode_ordinary(e["ctx"] + " " + ending)) for e in examples for ending in e["endings"])
@@ -186,10 +187,10 @@ def test_restores_mode_and_leaves_rng_alone(hf_gpt, examples):
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="expected one of gpt2"):
-        hellaswag.load_model(str(tmp_path / "nothing_here"), "cpu")
+        load_model(str(tmp_path / "nothing_here"), "cpu")
     torch.save({"state_dict": {}}, tmp_path / "wrong_keys.pt")
     with pytest.raises(ValueError, match="'model' and 'model_config'"):
-        hellaswag.load_model(str(tmp_path / "wrong_keys.pt"), "cpu")
+        load_model(str(tmp_path / "wrong_keys.pt"), "cpu")
 
 
 # ---- command line ----
@@ -212,7 +213,7 @@ def parse(stdout):
 def test_cli(ckpt_dir, data_file, examples):
     out = run_cli("--model", ckpt_dir, "--data_file", data_file, "--device", "cpu", "--limit", "10")
     assert out.returncode == 0, out.stderr
-    r = hellaswag.evaluate(hellaswag.load_model(ckpt_dir, "cpu"), examples[:10], device="cpu")
+    r = hellaswag.evaluate(load_model(ckpt_dir, "cpu"), examples[:10], device="cpu")
     assert parse(out.stdout) == {"acc": (round(r["acc"], 4), r["correct"], 10),
                                  "acc_norm": (round(r["acc_norm"], 4), r["correct_norm"], 10)}
     assert "mean loss per ending token" in out.stdout
@@ -242,7 +243,7 @@ def test_torchrun_two_ranks(ckpt_dir, data_file, examples):
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
     out = run_cli("--model", ckpt_dir, "--data_file", data_file, "--device", "cpu", "--limit", "7", launcher=launcher)
     assert out.returncode == 0, out.stderr
-    r = hellaswag.evaluate(hellaswag.load_model(ckpt_dir, "cpu"), examples[:7], device="cpu")
+    r = hellaswag.evaluate(load_model(ckpt_dir, "cpu"), examples[:7], device="cpu")
     assert parse(out.stdout) == {"acc": (round(r["acc"], 4), r["correct"], 7),
                                  "acc_norm": (round(r["acc_norm"], 4), r["correct_norm"], 7)}
     assert "2 ranks" in out.stdout and out.stdout.count("examples/s") == 1  # rank 0 prints, once

@@ -65,6 +65,7 @@ def test_report_of_a_run_that_died(tmp_path, capsys):
     """plot.py --report on a hand-made log: a run resumed once, then killed. Steps the resume repeated
     count once, wall time is the sum of the sessions, MFU is weighted by step time."""
     import plot
+    import runlog
 
     run = tmp_path / "r"
     run.mkdir()
@@ -104,18 +105,18 @@ def test_report_of_a_run_that_died(tmp_path, capsys):
             {"event": "stop", "time": 303.0, "step": 5}, {"event": "resume", "time": 400.0, "step": 5},
             train(5, 401.0, 1000, 0.4)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    report = plot.write_report(str(run)) and (run / "report.md").read_text()
+    report = runlog.write_report(str(run)) and (run / "report.md").read_text()
     assert "incomplete: the log ends at step 6 of 100" in report
     assert "| final val loss | 9.0000 (step 0) |" in report  # the step-4 val came before the rewind to 3
     log.append({"event": "stop", "time": 402.0, "step": 6})
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    assert "stopped by a signal at step 6 of 100" in (plot.write_report(str(run)) and (run / "report.md").read_text())
+    assert "stopped by a signal at step 6 of 100" in (runlog.write_report(str(run)) and (run / "report.md").read_text())
 
     # a run seeded from another's step-90 checkpoint: the model has seen 96,000 tokens, this run trained 6,000
     seeded = [{"event": "resume", "time": 0.0, "step": 90}, *[train(s, 1.0 + s, 1000, 0.5) for s in range(90, 96)],
               {"event": "end", "time": 100.0, "step": 96}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in seeded))
-    report = plot.write_report(str(run)) and (run / "report.md").read_text()
+    report = runlog.write_report(str(run)) and (run / "report.md").read_text()
     assert "finished: 96 of 100 steps" in report and "| tokens | 96,000 |" in report
     assert "| mean tokens/s | 1,000 " in report  # 6 steps × 1000 tokens in 6 s
 

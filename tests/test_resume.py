@@ -136,13 +136,14 @@ def test_sigterm_saves_and_the_same_command_resumes(small_shards, tmp_path):
 
 
 def test_second_signal_exits_at_once(small_shards, tmp_path):
-    # 8 micro-steps of a wider model: a step lasts well over the second the second Ctrl-C waits
+    # 8 micro-steps of a model 768 wide: a step (~3.2 s on a fast 2-core box) lasts well over the 1.5 s the
+    # second Ctrl-C waits (256 wide took 1.0-1.1 s there: the step ended first, and the test failed)
     argv = [sys.executable, "train_gpt2.py", *tiny_args(tmp_path, small_shards, "r", "--max_steps", "500",
-                                                        "--n_embd", "256", "--total_batch_size", "1024")]
+                                                        "--n_embd", "768", "--total_batch_size", "1024")]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
-        if line.startswith("step     1 | loss"):
+        if line.startswith("step     0 | loss"):
             proc.send_signal(signal.SIGTERM)  # the shutdown signals every process and torchrun
             proc.send_signal(signal.SIGTERM)  # forwards it again: one request, not two
         if line.startswith("SIGTERM: finishing this step"):

@@ -4,7 +4,9 @@ import torch
 
 import train_gpt2
 from model import GPT, GPTConfig
-from train_gpt2 import estimate_memory, find_micro_batch, largest_fitting, parse_args
+from checkpoint import load_model
+from distributed import estimate_memory, find_micro_batch, largest_fitting
+from train_gpt2 import parse_args
 
 
 @pytest.mark.parametrize("preset, published", [(None, 124_439_808), ("gpt2-medium", 354_823_168),
@@ -164,7 +166,7 @@ def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hella
     before any other forward (FSDP must already be set up by then)."""
     from conftest import run_script
     from test_train_gpt2 import events, final_weights, losses_by_step, tiny_args, torchrun
-    from train_gpt2 import load_checkpoint, verify_checkpoint
+    from checkpoint import load_checkpoint, verify_checkpoint
 
     common = ["--max_steps", "6", "--micro_batch_size", "2", "--val_every", "4", "--checkpoint_every", "3",
               "--hellaswag_every", "3",
@@ -184,9 +186,8 @@ def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hella
     assert verify_checkpoint(str(ckpt / "step_000006.dcp")) is None
     full = load_checkpoint(str(ckpt / "step_000006.dcp"))  # gathered in one process, no process group
     assert full["step"] == 6 and full["train_config"]["parallelism"] == "fsdp"
-    import hellaswag
 
-    model = hellaswag.load_model(str(ckpt), "cpu").state_dict()  # the folder's `latest` names the .dcp
+    model = load_model(str(ckpt), "cpu").state_dict()  # the folder's `latest` names the .dcp
     ddp_weights = final_weights(tmp_path / "ckpt" / "ddp")
     assert set(model) >= set(ddp_weights)
     for k, v in ddp_weights.items():  # both readers of the .dcp give the weights DDP trained
@@ -220,7 +221,7 @@ def test_fsdp_bf16_keeps_fp32_master_weights(small_shards, tmp_path):
     gathered over gloo, fp32 reduction) runs, trains like DDP under bf16 autocast up to bf16 rounding,
     and its checkpoint holds fp32 master weights."""
     from test_train_gpt2 import losses_by_step, tiny_args, torchrun
-    from train_gpt2 import load_checkpoint
+    from checkpoint import load_checkpoint
 
     common = ["--max_steps", "4", "--val_every", "4", "--dtype", "bfloat16"]
     torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", *common))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import distributed
 import train_gpt2
 from conftest import ROOT, run_script
 from data import write_shard
@@ -89,18 +90,18 @@ def test_cuda_device_gets_an_index(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    rank, local_rank, world_size, device = train_gpt2.setup_distributed(TrainConfig())
+    rank, local_rank, world_size, device = distributed.setup_distributed(TrainConfig())
     assert (rank, world_size, device, calls) == (0, 1, "cuda:0", ["cuda:0"])
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert train_gpt2.setup_distributed(TrainConfig(device="cuda"))[3] == "cuda:3"
+    assert distributed.setup_distributed(TrainConfig(device="cuda"))[3] == "cuda:3"
 
 
 def test_peak_flops_lookup(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A10G")
-    assert train_gpt2.peak_flops_per_device(TrainConfig(), "cuda") is None  # not the A10's figure
+    assert distributed.peak_flops_per_device(TrainConfig(), "cuda") is None  # not the A10's figure
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    assert train_gpt2.peak_flops_per_device(TrainConfig(), "cuda") == 989e12
-    assert train_gpt2.peak_flops_per_device(TrainConfig(peak_flops=1e12), "cpu") == 1e12
+    assert distributed.peak_flops_per_device(TrainConfig(), "cuda") == 989e12
+    assert distributed.peak_flops_per_device(TrainConfig(peak_flops=1e12), "cpu") == 1e12
 
 
 def test_defaults_reproduce_build_nanogpt():

@@ -1,0 +1,394 @@
+"""
+Checkpoints: runs that survive preemption, and "a model from anything" for the tools that read them.
+
+checkpoints/<run>/step_NNNNNN.pt holds everything a resumed run needs (weights, optimizer, loader position,
+every rank's RNG state, the EMAs, the settings); step_NNNNNN.json beside it records its size and sha256,
+written only after the .pt is complete; `latest` names the newest. All three are written atomically, so
+a kill at any moment leaves the previous checkpoint usable. FSDP runs write step_NNNNNN.dcp/ folders
+(torch.distributed.checkpoint: every rank its shards) with the same .json and `latest`.
+A checkpoint holds plain tensors, dicts and lists only: torch.load(weights_only=True) reads it.
+"""
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data import atomic_write, fail
+from distributed import node_of, on_each_node, on_rank0
+from model import GPT, HF_MODEL_NAMES, GPTConfig
+
+# settings that fix the data order or the model's shape: a resumed run must keep them
+RESUME_FIXED = ("seq_len", "total_batch_size", "shuffle", "seed")
+
+# ---------------------------------------------------------------------------
+# saving
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),  # plain lists: loadable with weights_only
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class _HashingWriter:
+    """Hashes the bytes torch.save streams out, so the checksum costs no second read of the file."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha256.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_checkpoint(ckpt_dir, state, keep):
+    """Write state as step_NNNNNN.pt + .json, point `latest` at it, then prune to the `keep` newest."""
+    name = f"step_{state['step']:06d}"
+    path = os.path.join(ckpt_dir, name + ".pt")
+    with atomic_write(path) as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+    with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
+        json.dump({"file": name + ".pt", "step": state["step"], "bytes": writer.size,
+                   "sha256": writer.sha256.hexdigest()}, f)
+    publish_checkpoint(ckpt_dir, name + ".pt", keep)
+    return path
+
+
+def publish_checkpoint(ckpt_dir, name, keep):
+    """Point `latest` at a complete checkpoint, then prune to the `keep` newest (only now that the new
+    one is safe; it is the first in the list, never pruned)."""
+    with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
+        f.write(name + "\n")
+    if keep:
+        for old in list_checkpoints(ckpt_dir)[keep:]:
+            remove_checkpoint(old)
+
+
+def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size):
+    """FSDP: every rank writes its shards of the weights and optimizer state with torch.distributed.checkpoint
+    into step_NNNNNN.dcp/ (a folder, resumable on any number of ranks); rank 0 adds the rest of `state`
+    as train_state.pt and records every file's size and sha256 in step_NNNNNN.json. Written under a
+    temporary name and renamed whole, so a kill leaves no half checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"step_{state['step']:06d}"
+    final, tmp = os.path.join(ckpt_dir, name + ".dcp"), os.path.join(ckpt_dir, f".{name}.dcp.tmp")
+
+    def prepare():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+
+    def finish():
+        with atomic_write(os.path.join(tmp, "train_state.pt")) as f:
+            torch.save(state, f)
+        files = {n: file_digest(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a rewind
+        os.replace(tmp, final)
+        with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
+            json.dump({"file": name + ".dcp", "step": state["step"], "files": files}, f)
+        publish_checkpoint(ckpt_dir, name + ".dcp", keep)
+        return final
+
+    on_rank0(prepare, rank, world_size)  # rank 0's file work, its errors told to every rank
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    return on_rank0(finish, rank, world_size)
+
+
+def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp):
+    """Save a training run: `state` (the step, settings, loader position, ...) with every rank's RNG state,
+    the weights and the optimizer state. Called on every rank: FSDP ranks each write their shards, DDP's
+    `writer` (rank 0, or each node's first rank) the whole .pt. Returns the path on the writers."""
+    rngs = [None] * world_size  # every rank's generators, though one rank (per node) writes
+    if world_size > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    state = {**state, "rng": rngs}
+    if fsdp:
+        return save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size)
+    if writer:
+        return save_checkpoint(ckpt_dir, {**state, "model": model.state_dict(),  # unwrapped: plain names
+                                          "optimizer": optimizer.state_dict()}, keep)
+    return None
+
+
+def load_sharded_checkpoint(path, model, optimizer):
+    """Load an FSDP checkpoint folder into this run's sharded model and optimizer (any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_checkpoint(path, weights=True):
+    """A checkpoint as one dict ("model", "step", configs, ...), from a step_NNNNNN.pt file (with "optimizer")
+    or an FSDP step_NNNNNN.dcp folder (its weights gathered whole on the CPU, not its optimizer state;
+    weights=False skips them)."""
+    if not os.path.isdir(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    if weights:
+        import torch.distributed.checkpoint as dcp
+
+        with torch.device("meta"):  # the names and shapes to read, nothing allocated
+            names = GPT(GPTConfig(**state["model_config"])).state_dict()
+        model = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in names.items()}
+        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)  # one process reads every shard
+        state["model"] = model
+    return state
+
+
+def file_digest(path):
+    """(size in bytes, sha256 hex) of a file."""
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha256.update(chunk)
+    return os.path.getsize(path), sha256.hexdigest()
+
+
+def remove_checkpoint(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.splitext(path)[0] + ".json")
+
+
+def list_checkpoints(ckpt_dir):
+    """step_*.pt files (and FSDP's step_*.dcp folders) in ckpt_dir, newest first: the one `latest` names,
+    then by time written (not by step: a run rewound to an earlier checkpoint writes lower steps after
+    higher ones)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    paths = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+\.(pt|dcp)", n)]
+    paths.sort(key=lambda p: (os.path.getmtime(p), p), reverse=True)
+    pointer = os.path.join(ckpt_dir, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            latest = os.path.join(ckpt_dir, f.read().strip())
+        if latest in paths:
+            paths.remove(latest)
+            paths.insert(0, latest)
+    return paths
+
+
+def verify_checkpoint(path):
+    """None if the file (each file of a folder) matches the size and sha256 its .json recorded, else what
+    is wrong."""
+    meta_path = os.path.splitext(path)[0] + ".json"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        files = meta["files"] if os.path.isdir(path) else {"": (meta["bytes"], meta["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its .json (size and checksum) is missing or unreadable: the save did not finish"
+    for name, (size, sha) in files.items():
+        file = os.path.join(path, name) if name else path
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name or 'it'} holds {os.path.getsize(file)} bytes, {size} were written: truncated"
+        if file_digest(file)[1] != sha:
+            return f"the sha256 of {name or 'it'} differs from the one recorded when it was written: corrupt"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# resuming
+
+def find_resume_checkpoint(cfg, ckpt_dir):
+    """The checkpoint to resume from, or None to start fresh (decided on rank 0)."""
+    for tmp in glob.glob(os.path.join(ckpt_dir, ".step_*.tmp")):  # half a save, left by a hard kill
+        remove_checkpoint(tmp)
+    own = list_checkpoints(ckpt_dir)
+    if cfg.resume == "none":
+        if own:
+            fail(f"{ckpt_dir} already holds checkpoints and --resume none was given; pass another --run_name "
+                 f"(or --checkpoint_dir) for a new run, or delete {ckpt_dir}")
+        return None
+    if cfg.resume == "auto":
+        candidates = own
+    elif not os.path.exists(cfg.resume):
+        fail(f"--resume {cfg.resume}: no such file or folder (use auto, none, a checkpoint file or folder)")
+    elif own and os.path.dirname(os.path.abspath(cfg.resume)) != os.path.abspath(ckpt_dir):
+        # --resume PATH seeded this run earlier; re-running the same command continues the run itself
+        print(f"{ckpt_dir} already holds this run's checkpoints: continuing from those, not from {cfg.resume}")
+        candidates = own
+    elif os.path.isdir(cfg.resume) and not os.path.isfile(os.path.join(cfg.resume, "train_state.pt")):
+        candidates = list_checkpoints(cfg.resume)
+        if not candidates:
+            fail(f"--resume {cfg.resume}: no step_*.pt (or .dcp) checkpoints in that folder")
+    else:
+        candidates = [cfg.resume]  # a checkpoint file, possibly one of this run's own: a rewind
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+    if candidates:
+        fail(f"no usable checkpoint among {len(candidates)} in {os.path.dirname(candidates[0])}; "
+             f"delete them (or pass --resume none with a new --run_name) to start over")
+    return None
+
+
+def data_fingerprint(loader):
+    """The data a run trains on, whatever folder it sits in: each shard's name, size, and a hash of its
+    first MiB (full shards all have the same size)."""
+    fingerprint = []
+    for p in loader.paths:
+        with open(p, "rb") as f:
+            head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+        fingerprint.append([os.path.basename(p), os.path.getsize(p), head])
+    return fingerprint
+
+
+def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
+    """Refuse settings that would change the data order or the model; return the other changes."""
+    saved_train, saved_model = ckpt["train_config"], ckpt["model_config"]
+    diff = {k: (v, getattr(model_cfg, k)) for k, v in saved_model.items()
+            if getattr(model_cfg, k) != v and k != "attn_impl"}  # the attention kernel does not change the model
+    if diff:
+        fail(f"the checkpoint's model differs: {diff} (checkpoint, now); resume with the same model flags "
+             f"or start a new --run_name")
+    if saved_train.get("parallelism", "ddp") != cfg.parallelism:
+        fail(f"--parallelism {cfg.parallelism}: the checkpoint was saved with {saved_train.get('parallelism', 'ddp')}, "
+             f"in its format; resume with it or start a new --run_name")
+    if saved_train.get("optimizer", "adamw") != cfg.optimizer:
+        fail(f"--optimizer {cfg.optimizer}: the checkpoint was trained with {saved_train.get('optimizer', 'adamw')}, "
+             f"whose state it holds; resume with it or start a new --run_name")
+    for key in RESUME_FIXED:
+        if saved_train[key] != getattr(cfg, key):
+            fail(f"--{key} {getattr(cfg, key)} differs from the checkpoint's {saved_train[key]}, which would "
+                 f"change the data order; resume with --{key} {saved_train[key]} or start a new --run_name")
+    if ckpt["data"] != fingerprint:
+        fail(f"the shards in {cfg.data_dir} differ from the ones this run trained on "
+             f"({len(ckpt['data'])} shards, first {ckpt['data'][0]}); point --data_dir at those shards")
+    return {k: (v, getattr(cfg, k)) for k, v in saved_train.items()
+            if k not in ("resume", "run_name") and getattr(cfg, k) != v}
+
+
+def find_checkpoint(cfg, ckpt_dir, rank, local_rank, world_size):
+    """The checkpoint this rank resumes from, or None to start fresh. Rank 0 looks in ckpt_dir and tells
+    the others; with --checkpoint_per_node every node looks on its own disk, and all must agree."""
+    if not cfg.checkpoint_per_node:
+        return on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
+    found = on_each_node(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, local_rank, world_size)
+    names = {node: os.path.basename(path) if path else "none" for node, path in found.items()}
+    if len(set(names.values())) > 1:
+        fail("--checkpoint_per_node: the nodes would resume from different checkpoints ("
+             + ", ".join(f"node {node}: {name}" for node, name in sorted(names.items()))
+             + f"); copy the newest checkpoint folder to every node's {ckpt_dir}, or start a new --run_name")
+    return found[node_of(rank)]
+
+
+def restore_training_state(ckpt, path, model, optimizer, scaler, loader, ema, ema_stds, rank):
+    """Put a checkpoint's state (read by load_checkpoint from `path`) back into this run's objects."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if os.path.isdir(path):  # FSDP: each rank reads its own shards (resharded if the number of ranks changed)
+        load_sharded_checkpoint(path, model, optimizer)
+    else:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    for group, now in zip(optimizer.param_groups, settings):  # the state is restored, the settings
+        group.update(now)  # (lr, betas, weight decay...) are this command's: a changed flag takes effect
+    if ckpt["scaler"]:  # empty when saved without fp16 loss scaling
+        scaler.load_state_dict(ckpt["scaler"])
+    loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    # checked on every rank (each read the checkpoint), so no rank is left waiting for another
+    saved_stds = ckpt["ema"]["sigma_rels"] if ckpt.get("ema") else []
+    if saved_stds != ema_stds:
+        fail(f"the checkpoint's post-hoc EMAs are for --ema_stds {','.join(map(str, saved_stds)) or '(none)'}; "
+             f"resume with the same, or start a new --run_name")
+    if ema:
+        ema.load_state_dict(ckpt["ema"])
+
+
+# ---------------------------------------------------------------------------
+# stopping on a signal
+
+class StopSignal:
+    """SIGTERM (spot preemption), SIGINT (Ctrl-C) or SIGHUP (the terminal went away): finish the step,
+    save, exit 0. A second signal exits at once, unless it comes within a second of the first: at
+    shutdown the system signals every process and torchrun forwards the same signal again."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.requested = None  # time of the first signal
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            if time.time() - self.requested < 1.0:
+                return  # the same shutdown, delivered twice
+            print(f"{signal.Signals(signum).name} again: exiting now without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
+        self.requested = time.time()
+        print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and exiting "
+              f"(send it again to exit at once)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# a model from anything: what hellaswag.py, ema.py and the other tools read
+
+def load_model(spec, device):
+    """A GPT from `spec`: a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local
+    HF folder (config.json + weights), a checkpoint file (a dict with "model", the state dict, and
+    "model_config", the GPTConfig fields), an FSDP checkpoint (step_NNNNNN.dcp/) or a checkpoint folder
+    whose `latest` file names one."""
+    if os.path.isfile(os.path.join(spec, "latest")):
+        with open(os.path.join(spec, "latest")) as f:
+            spec = os.path.join(spec, f.read().strip())
+    if spec in HF_MODEL_NAMES or os.path.isfile(os.path.join(spec, "config.json")):
+        model = GPT.from_pretrained(spec)
+    elif os.path.isfile(spec) or os.path.isfile(os.path.join(spec, "train_state.pt")):  # a file, or FSDP's folder
+        ckpt = load_checkpoint(spec)
+        if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
+            raise ValueError(f"{spec}: a checkpoint must be a dict with 'model' and 'model_config'")
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        raise ValueError(f"--model {spec}: expected one of {', '.join(HF_MODEL_NAMES)}, a Hugging Face folder "
+                         "(with config.json), a checkpoint file, or a checkpoint folder with a 'latest' file")
+    return model.to(device)

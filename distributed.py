@@ -1,0 +1,257 @@
+"""
+Processes and devices: the process group, which rank does what, DDP and FSDP wrapping, the device and
+dtype a run uses, the GPU's peak FLOP/s (for MFU), and how much memory a micro batch needs.
+
+torchrun starts one process per GPU and sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE; plain
+`python train_gpt2.py` is a world of one. Rank 0 writes the logs; every rank computes; collectives are
+the only talk between ranks, so anything one rank decides alone (a file it found, an error it met)
+is handed to the others with on_rank0 / on_each_node.
+"""
+
+import gc
+import inspect
+import os
+import re
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import fail
+from model import GPT
+from optim import build_optimizer
+
+# Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (fp16 for V100/T4), matched
+# as whole words of torch.cuda.get_device_name(), most specific first ("A10" is not "A10G").
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
+    "V100": 125e12, "T4": 65e12,
+}
+
+
+# ---------------------------------------------------------------------------
+# devices and processes
+
+def default_device():
+    """cuda, then mps (Apple), then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup_distributed(cfg):
+    """(rank, local_rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain python doesn't."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = default_device() if cfg.device == "auto" else cfg.device
+    if device == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process on each node (local_rank 0 without torchrun)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if world_size > 1:
+        dist.init_process_group(backend=backend)
+    elif cfg.parallelism == "fsdp":  # FSDP shards over a process group, even a group of one
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, local_rank, world_size, device
+
+
+def resolve_dtype(cfg, device_type):
+    if cfg.dtype != "auto":
+        if cfg.dtype not in ("float32", "bfloat16", "float16"):
+            fail(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+        return getattr(torch, cfg.dtype)
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return torch.float32  # CPU and MPS autocast are slower or less complete than plain fp32
+
+
+def autocast_for(device_type, ptdtype):
+    """The context the forward passes run in: autocast to bf16/fp16, or nothing for fp32."""
+    return torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+
+
+def peak_flops_per_device(cfg, device_type):
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in PEAK_FLOPS.items():
+            if re.search(rf"\b{key}\b", name):
+                return flops
+    return None  # unknown: MFU is not reported
+
+
+def all_reduce_sum(t, world_size):
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG: sum, then divide where needed
+    return t
+
+
+# ---------------------------------------------------------------------------
+# work one rank (or one rank per node) does for all
+
+def attempt(fn):
+    """("ok", fn()) or ("error", message): an error one rank meets must reach the others too, or they
+    wait forever in the next collective."""
+    try:
+        return "ok", fn()
+    except SystemExit as e:
+        return "error", str(e)
+    except Exception as e:
+        return "error", f"error: {e}"
+
+
+def on_rank0(fn, rank, world_size):
+    """Run fn on rank 0 only and hand every rank its result, or its error, so all ranks agree."""
+    result = [attempt(fn) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    kind, value = result[0]
+    if kind == "error":
+        raise SystemExit(value)
+    return value
+
+
+def node_of(rank):
+    """The node a rank runs on: torchrun numbers ranks node by node, LOCAL_WORLD_SIZE per node."""
+    return rank // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def on_each_node(fn, rank, local_rank, world_size):
+    """Run fn on the first rank of every node; every rank gets {node: result}, or every rank stops with
+    the first node's error."""
+    mine = (node_of(rank), *attempt(fn)) if local_rank == 0 else None
+    results = [mine]
+    if world_size > 1:
+        results = [None] * world_size
+        dist.all_gather_object(results, mine)
+    results = [r for r in results if r is not None]
+    for _, kind, value in results:
+        if kind == "error":
+            raise SystemExit(value)
+    return {node: value for node, _, value in results}
+
+
+# ---------------------------------------------------------------------------
+# data parallelism: DDP (a whole model per rank) or FSDP2 (weights, grads and AdamW state sharded)
+
+def shard_model(model, cfg, model_cfg, ptdtype):
+    """FSDP2: every block is one unit (its weights gathered just before its forward and backward, freed
+    after), the embeddings, final norm and head the root unit. With bf16, weights are gathered in bf16 for
+    the matmuls and gradients reduced in fp32; the fp32 master weights and AdamW state stay sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    unsupported = {"--optimizer " + cfg.optimizer: cfg.optimizer != "adamw", "--ema_stds": bool(cfg.ema_stds),
+                   "--mp": model_cfg.mp, "--ngpt": model_cfg.ngpt, "--dtype float16": ptdtype == torch.float16,
+                   "--checkpoint_per_node": cfg.checkpoint_per_node}
+    if used := [flag for flag, on in unsupported.items() if on]:
+        fail(f"--parallelism fsdp does not support {', '.join(used)} yet (they need whole weight matrices or "
+             f"a full copy per node); use --parallelism ddp")
+    policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) \
+        if ptdtype != torch.float32 else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    with torch.no_grad():  # FSDP sets itself up at the first forward, which must be the whole model's (not
+        model(torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device))  # HellaSwag's parts)
+    model.reshard()  # the root keeps its weights gathered after a forward: the optimizer must get the shards
+
+
+def wrap_ddp(model, local_rank, device_type):
+    """DDP: every rank holds the whole model; gradients are all-reduced in buckets during backward."""
+    # no buffer broadcasts before each forward: the model's buffers are caches every rank computes itself
+    # (and MoE's per-rank load figures). torch >= 2.13 calls it forward_sync_buffers, which still copies
+    # rank 0's buffers once at start-up: harmless, they are equal then
+    buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **buffers)
+
+
+def unwrap_ddp(model):
+    """Val batches have the training shape, so the compiled module (without the DDP wrapper) serves
+    them with no recompile; DDP's forward would only add gradient-sync bookkeeping."""
+    return model.module if isinstance(model, DDP) else model
+
+
+# ---------------------------------------------------------------------------
+# memory: how large a micro batch fits
+
+def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1):
+    """Bytes of GPU memory one rank needs to train (DDP, AdamW, bf16 autocast, no recompute), estimated:
+    16 per parameter for fp32 weights, grads and AdamW's two moments, 2 for autocast's bf16 weight copies,
+    4 for DDP's gradient buckets (more than one rank); per layer 42 per token per n_embd of activations
+    saved for backward, and 14 per logit (bf16 logits, fp32 loss, their grad). The last two were measured
+    for this model.py with torch's MemTracker (tests check the whole estimate against it); torch.compile
+    fuses some of it away, and the CUDA allocator's caching adds some."""
+    with torch.device("meta"):  # the parameter count without allocating anything
+        params = GPT(model_cfg).num_params(non_embedding=False)
+    tokens = micro_batch_size * seq_len
+    per_param = 18 + (4 if world_size > 1 else 0)
+    return per_param * params + 42 * tokens * model_cfg.n_embd * model_cfg.n_layer \
+        + 14 * tokens * model_cfg.padded_vocab_size
+
+
+def largest_fitting(candidates, fits):
+    """The largest of the ascending candidates for which fits() is true, by binary search (whatever fits
+    with a micro batch also fits with a smaller one); None if none does."""
+    best, lo, hi = None, 0, len(candidates) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(candidates[mid]):
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def find_micro_batch(cfg, model_cfg, device, world_size):
+    """The largest micro batch that trains on this device: a divisor of the tokens each rank handles per
+    step, searched with two real training steps each (model, optimizer, autocast; eager, which needs more
+    memory than compiled: a safe side), with DDP's gradient buckets and 5% of the GPU (for NCCL and the
+    evaluations) held back. Every rank searches its own GPU; they settle on the smallest answer."""
+    if cfg.total_batch_size % (cfg.seq_len * world_size):
+        fail(f"total_batch_size {cfg.total_batch_size} is not a multiple of seq_len·world_size = "
+             f"{cfg.seq_len}·{world_size}; change --total_batch_size")
+    per_rank = cfg.total_batch_size // (cfg.seq_len * world_size)
+    candidates = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+    device_type = device.split(":")[0]
+    autocast = autocast_for(device_type, resolve_dtype(cfg, device_type))
+
+    headroom = torch.cuda.get_device_properties(device).total_memory // 20 if device_type == "cuda" else 0
+
+    def fits(micro_batch):
+        model = optimizer = reserve = x = loss = None
+        try:
+            model = GPT(model_cfg).to(device)
+            optimizer = build_optimizer(model, cfg, device_type)
+            buckets = 4 * model.num_params(non_embedding=False) if world_size > 1 else 0
+            reserve = torch.empty(buckets + headroom, dtype=torch.uint8, device=device)
+            x = torch.randint(0, model_cfg.vocab_size, (micro_batch, cfg.seq_len), device=device)
+            for _ in range(2):  # the second step has the optimizer's state
+                with autocast:
+                    _, loss = model(x, x)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            del model, optimizer, reserve, x, loss  # and the autograd graph an error left behind
+            gc.collect()
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+
+    best = largest_fitting(candidates, fits) or 0
+    if world_size > 1:
+        t = torch.tensor(best, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        best = int(t)
+    if not best:
+        fail(f"not even micro batch 1 of {cfg.seq_len} tokens fits on {device}; use a smaller model or --seq_len")
+    return best
