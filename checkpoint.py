@@ -32,8 +32,27 @@ from model import GPT, HF_MODEL_NAMES, GPTConfig
 # settings that fix the data order or the model's shape: a resumed run must keep them
 RESUME_FIXED = ("seq_len", "total_batch_size", "shuffle", "seed")
 
+
 # ---------------------------------------------------------------------------
-# saving
+# saving: every rank calls save_training_state; the writers write
+
+def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp):
+    """Save a training run: `state` (the step, settings, loader position, ...) with every rank's RNG state,
+    the weights and the optimizer state. Called on every rank: FSDP ranks each write their shards, DDP's
+    `writer` (rank 0, or each node's first rank) the whole .pt. Returns the path on the writers."""
+    rngs = [None] * world_size  # every rank's generators, though one rank (per node) writes
+    if world_size > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    state = {**state, "rng": rngs}
+    if fsdp:
+        return save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size)
+    if writer:
+        return save_checkpoint(ckpt_dir, {**state, "model": model.state_dict(),  # unwrapped: plain names
+                                          "optimizer": optimizer.state_dict()}, keep)
+    return None
+
 
 def rng_state():
     np_state = np.random.get_state()
@@ -43,29 +62,6 @@ def rng_state():
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
-
-
-def set_rng_state(state):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class _HashingWriter:
-    """Hashes the bytes torch.save streams out, so the checksum costs no second read of the file."""
-
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
-
-    def write(self, b):
-        self.sha256.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-    def flush(self):
-        self.f.flush()
 
 
 def save_checkpoint(ckpt_dir, state, keep):
@@ -82,14 +78,19 @@ def save_checkpoint(ckpt_dir, state, keep):
     return path
 
 
-def publish_checkpoint(ckpt_dir, name, keep):
-    """Point `latest` at a complete checkpoint, then prune to the `keep` newest (only now that the new
-    one is safe; it is the first in the list, never pruned)."""
-    with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
-        f.write(name + "\n")
-    if keep:
-        for old in list_checkpoints(ckpt_dir)[keep:]:
-            remove_checkpoint(old)
+class _HashingWriter:
+    """Hashes the bytes torch.save streams out, so the checksum costs no second read of the file."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha256.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
 
 
 def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size):
@@ -124,51 +125,14 @@ def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world
     return on_rank0(finish, rank, world_size)
 
 
-def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp):
-    """Save a training run: `state` (the step, settings, loader position, ...) with every rank's RNG state,
-    the weights and the optimizer state. Called on every rank: FSDP ranks each write their shards, DDP's
-    `writer` (rank 0, or each node's first rank) the whole .pt. Returns the path on the writers."""
-    rngs = [None] * world_size  # every rank's generators, though one rank (per node) writes
-    if world_size > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    state = {**state, "rng": rngs}
-    if fsdp:
-        return save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size)
-    if writer:
-        return save_checkpoint(ckpt_dir, {**state, "model": model.state_dict(),  # unwrapped: plain names
-                                          "optimizer": optimizer.state_dict()}, keep)
-    return None
-
-
-def load_sharded_checkpoint(path, model, optimizer):
-    """Load an FSDP checkpoint folder into this run's sharded model and optimizer (any number of ranks)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def load_checkpoint(path, weights=True):
-    """A checkpoint as one dict ("model", "step", configs, ...), from a step_NNNNNN.pt file (with "optimizer")
-    or an FSDP step_NNNNNN.dcp folder (its weights gathered whole on the CPU, not its optimizer state;
-    weights=False skips them)."""
-    if not os.path.isdir(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
-    if weights:
-        import torch.distributed.checkpoint as dcp
-
-        with torch.device("meta"):  # the names and shapes to read, nothing allocated
-            names = GPT(GPTConfig(**state["model_config"])).state_dict()
-        model = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in names.items()}
-        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)  # one process reads every shard
-        state["model"] = model
-    return state
+def publish_checkpoint(ckpt_dir, name, keep):
+    """Point `latest` at a complete checkpoint, then prune to the `keep` newest (only now that the new
+    one is safe; it is the first in the list, never pruned)."""
+    with atomic_write(os.path.join(ckpt_dir, "latest"), "w") as f:
+        f.write(name + "\n")
+    if keep:
+        for old in list_checkpoints(ckpt_dir)[keep:]:
+            remove_checkpoint(old)
 
 
 def file_digest(path):
@@ -180,15 +144,8 @@ def file_digest(path):
     return os.path.getsize(path), sha256.hexdigest()
 
 
-def remove_checkpoint(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.splitext(path)[0] + ".json")
-
+# ---------------------------------------------------------------------------
+# listing, verifying, pruning
 
 def list_checkpoints(ckpt_dir):
     """step_*.pt files (and FSDP's step_*.dcp folders) in ckpt_dir, newest first: the one `latest` names,
@@ -229,8 +186,32 @@ def verify_checkpoint(path):
     return None
 
 
+def remove_checkpoint(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.splitext(path)[0] + ".json")
+
+
 # ---------------------------------------------------------------------------
-# resuming
+# resuming: find the checkpoint, check it fits this run, put its state back
+
+def find_checkpoint(cfg, ckpt_dir, rank, local_rank, world_size):
+    """The checkpoint this rank resumes from, or None to start fresh. Rank 0 looks in ckpt_dir and tells
+    the others; with --checkpoint_per_node every node looks on its own disk, and all must agree."""
+    if not cfg.checkpoint_per_node:
+        return on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
+    found = on_each_node(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, local_rank, world_size)
+    names = {node: os.path.basename(path) if path else "none" for node, path in found.items()}
+    if len(set(names.values())) > 1:
+        fail("--checkpoint_per_node: the nodes would resume from different checkpoints ("
+             + ", ".join(f"node {node}: {name}" for node, name in sorted(names.items()))
+             + f"); copy the newest checkpoint folder to every node's {ckpt_dir}, or start a new --run_name")
+    return found[node_of(rank)]
+
 
 def find_resume_checkpoint(cfg, ckpt_dir):
     """The checkpoint to resume from, or None to start fresh (decided on rank 0)."""
@@ -265,6 +246,35 @@ def find_resume_checkpoint(cfg, ckpt_dir):
         fail(f"no usable checkpoint among {len(candidates)} in {os.path.dirname(candidates[0])}; "
              f"delete them (or pass --resume none with a new --run_name) to start over")
     return None
+
+
+def load_checkpoint(path, weights=True):
+    """A checkpoint as one dict ("model", "step", configs, ...), from a step_NNNNNN.pt file (with "optimizer")
+    or an FSDP step_NNNNNN.dcp folder (its weights gathered whole on the CPU, not its optimizer state;
+    weights=False skips them)."""
+    if not os.path.isdir(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    if weights:
+        import torch.distributed.checkpoint as dcp
+
+        with torch.device("meta"):  # the names and shapes to read, nothing allocated
+            names = GPT(GPTConfig(**state["model_config"])).state_dict()
+        model = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in names.items()}
+        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)  # one process reads every shard
+        state["model"] = model
+    return state
+
+
+def load_sharded_checkpoint(path, model, optimizer):
+    """Load an FSDP checkpoint folder into this run's sharded model and optimizer (any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def data_fingerprint(loader):
@@ -303,20 +313,6 @@ def check_resume_settings(ckpt, cfg, model_cfg, fingerprint):
             if k not in ("resume", "run_name") and getattr(cfg, k) != v}
 
 
-def find_checkpoint(cfg, ckpt_dir, rank, local_rank, world_size):
-    """The checkpoint this rank resumes from, or None to start fresh. Rank 0 looks in ckpt_dir and tells
-    the others; with --checkpoint_per_node every node looks on its own disk, and all must agree."""
-    if not cfg.checkpoint_per_node:
-        return on_rank0(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, world_size)
-    found = on_each_node(lambda: find_resume_checkpoint(cfg, ckpt_dir), rank, local_rank, world_size)
-    names = {node: os.path.basename(path) if path else "none" for node, path in found.items()}
-    if len(set(names.values())) > 1:
-        fail("--checkpoint_per_node: the nodes would resume from different checkpoints ("
-             + ", ".join(f"node {node}: {name}" for node, name in sorted(names.items()))
-             + f"); copy the newest checkpoint folder to every node's {ckpt_dir}, or start a new --run_name")
-    return found[node_of(rank)]
-
-
 def restore_training_state(ckpt, path, model, optimizer, scaler, loader, ema, ema_stds, rank):
     """Put a checkpoint's state (read by load_checkpoint from `path`) back into this run's objects."""
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -338,6 +334,14 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, loader, ema, em
              f"resume with the same, or start a new --run_name")
     if ema:
         ema.load_state_dict(ckpt["ema"])
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +374,7 @@ class StopSignal:
 
 
 # ---------------------------------------------------------------------------
-# a model from anything: what hellaswag.py, ema.py and the other tools read
+# a model from anything: what hellaswag.py (and the tools after training) evaluate
 
 def load_model(spec, device):
     """A GPT from `spec`: a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local

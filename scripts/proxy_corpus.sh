@@ -2,7 +2,7 @@
 # A few million tokens of real English, offline, for the CPU proxy of ablate.py: the reStructuredText
 # sources of Python's documentation, from Debian's python3-doc package (no install: download + unpack).
 #
-#   scripts/proxy_corpus.sh [DATA_DIR]     (default data/proxy; ~3M tokens, 1M-token shards, shard 0 = val)
+#   scripts/proxy_corpus.sh [DATA_DIR]     (default data/proxy; ~7M tokens, 1M-token shards, shard 0 = val)
 #
 # The documents (one per source file) are shuffled with a fixed seed, so the val shard is a sample of
 # the whole manual, then tokenised by fineweb_edu.py.
