@@ -39,19 +39,74 @@ RESUME_FIXED = ("seq_len", "total_batch_size", "shuffle", "seed")
 def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp):
     """Save a training run: `state` (the step, settings, loader position, ...) with every rank's RNG state,
     the weights and the optimizer state. Called on every rank: FSDP ranks each write their shards, DDP's
-    `writer` (rank 0, or each node's first rank) the whole .pt. Returns the path on the writers."""
+    `writer` (rank 0, or each node's first rank) the whole .pt.
+
+    Returns (path, None) (the path on the writers), or (None, what went wrong in one line) on every rank
+    when the save failed on any: a full disk, no permission, a vanished mount. Then no part of the new
+    checkpoint is left, and the earlier ones are untouched."""
     rngs = [None] * world_size  # every rank's generators, though one rank (per node) writes
     if world_size > 1:
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
     state = {**state, "rng": rngs}
-    if fsdp:
-        return save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size)
-    if writer:
-        return save_checkpoint(ckpt_dir, {**state, "model": model.state_dict(),  # unwrapped: plain names
-                                          "optimizer": optimizer.state_dict()}, keep)
-    return None
+    path = problem = None
+    errors = (OSError, SystemExit)  # a write that failed; rank 0's error, handed to every rank by on_rank0
+    if fsdp:  # every rank raises it when one rank's write failed (a BaseException, imported only here: 0.4 s)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        errors += (CheckpointException,)
+    try:
+        if fsdp:
+            path = save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size)
+        elif writer:
+            path = save_checkpoint(ckpt_dir, {**state, "model": model.state_dict(),  # unwrapped: plain names
+                                              "optimizer": optimizer.state_dict()}, keep)
+    except errors as e:
+        problem = save_problem(ckpt_dir, f"step_{state['step']:06d}", e, state_bytes([model, optimizer]))
+    problems = [problem]
+    if world_size > 1:  # the writers' outcome, to every rank: all go on, or all stop, together
+        problems = [None] * world_size
+        dist.all_gather_object(problems, problem)
+    problem = next((p for p in problems if p), None)
+    return (None, problem) if problem else (path, None)
+
+
+def state_bytes(modules):
+    """About how many bytes a checkpoint of these modules' (and optimizers') state takes."""
+    tensors = [t for m in modules for t in _tensors(m.state_dict())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def save_problem(ckpt_dir, name, error, needed):
+    """The one line a failed save prints: what failed, where, the room it needs and has, what is left."""
+    where = ckpt_dir
+    while where and not os.path.isdir(where):  # a vanished mount: the nearest folder that is there
+        where = os.path.dirname(where.rstrip(os.sep))
+    free = shutil.disk_usage(where or ".").free
+    if hasattr(error, "failures"):  # torch.distributed.checkpoint's: {rank: (exception, traceback)}
+        error = next(iter(error.failures.values()))[0]
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    elif free < needed:
+        reason = "the disk is full"
+    else:
+        reason = " ".join(str(error).removeprefix("error: ").split())[:200]
+    earlier = list_checkpoints(ckpt_dir)
+    kept = (f"the newest earlier checkpoint, {os.path.basename(earlier[0])}, is intact and the same command "
+            f"resumes from it" if earlier else "there is no earlier checkpoint to resume from")
+    return (f"could not save checkpoint {name} in {ckpt_dir}: {reason} (it needs about {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free there); {kept}")
 
 
 def rng_state():
@@ -68,13 +123,23 @@ def save_checkpoint(ckpt_dir, state, keep):
     """Write state as step_NNNNNN.pt + .json, point `latest` at it, then prune to the `keep` newest."""
     name = f"step_{state['step']:06d}"
     path = os.path.join(ckpt_dir, name + ".pt")
-    with atomic_write(path) as f:
+    with atomic_write(path) as f:  # a failed write leaves nothing: atomic_write removes its temporary file
         writer = _HashingWriter(f)
-        torch.save(state, writer)
-    with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
-        json.dump({"file": name + ".pt", "step": state["step"], "bytes": writer.size,
-                   "sha256": writer.sha256.hexdigest()}, f)
-    publish_checkpoint(ckpt_dir, name + ".pt", keep)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:  # torch.save reports a failed write as "unexpected pos": say what failed
+            if writer.error:
+                raise writer.error from None
+            raise
+    try:
+        with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
+            json.dump({"file": name + ".pt", "step": state["step"], "bytes": writer.size,
+                       "sha256": writer.sha256.hexdigest()}, f)
+        publish_checkpoint(ckpt_dir, name + ".pt", keep)
+    except BaseException:  # a .pt without its record (or never published) is no checkpoint: remove it
+        if latest_checkpoint(ckpt_dir) != path:
+            remove_checkpoint(path)
+        raise
     return path
 
 
@@ -82,12 +147,16 @@ class _HashingWriter:
     """Hashes the bytes torch.save streams out, so the checksum costs no second read of the file."""
 
     def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+        self.f, self.sha256, self.size, self.error = f, hashlib.sha256(), 0, None
 
     def write(self, b):
         self.sha256.update(b)
         self.size += len(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:  # a full disk, a vanished mount: remembered, as torch.save hides it
+            self.error = e
+            raise
 
     def flush(self):
         self.f.flush()
@@ -109,19 +178,30 @@ def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world
         os.makedirs(tmp)
 
     def finish():
-        with atomic_write(os.path.join(tmp, "train_state.pt")) as f:
-            torch.save(state, f)
-        files = {n: file_digest(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
-        shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a rewind
-        os.replace(tmp, final)
-        with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
-            json.dump({"file": name + ".dcp", "step": state["step"], "files": files}, f)
-        publish_checkpoint(ckpt_dir, name + ".dcp", keep)
+        try:
+            with atomic_write(os.path.join(tmp, "train_state.pt")) as f:
+                torch.save(state, f)
+            files = {n: file_digest(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+            shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a rewind
+            os.replace(tmp, final)
+            with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
+                json.dump({"file": name + ".dcp", "step": state["step"], "files": files}, f)
+            publish_checkpoint(ckpt_dir, name + ".dcp", keep)
+        except BaseException:  # no half checkpoint: neither the temporary folder nor an unrecorded one
+            shutil.rmtree(tmp, ignore_errors=True)
+            if latest_checkpoint(ckpt_dir) != final:
+                remove_checkpoint(final)
+            raise
         return final
 
     on_rank0(prepare, rank, world_size)  # rank 0's file work, its errors told to every rank
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    try:  # a rank's write error reaches every rank (dcp.save raises a CheckpointException on all)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return on_rank0(finish, rank, world_size)
 
 
@@ -155,14 +235,20 @@ def list_checkpoints(ckpt_dir):
         return []
     paths = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+\.(pt|dcp)", n)]
     paths.sort(key=lambda p: (os.path.getmtime(p), p), reverse=True)
-    pointer = os.path.join(ckpt_dir, "latest")
-    if os.path.exists(pointer):
-        with open(pointer) as f:
-            latest = os.path.join(ckpt_dir, f.read().strip())
-        if latest in paths:
-            paths.remove(latest)
-            paths.insert(0, latest)
+    latest = latest_checkpoint(ckpt_dir)
+    if latest in paths:
+        paths.remove(latest)
+        paths.insert(0, latest)
     return paths
+
+
+def latest_checkpoint(ckpt_dir):
+    """The path ckpt_dir's `latest` file names, or None."""
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            return os.path.join(ckpt_dir, f.read().strip())
+    except OSError:
+        return None
 
 
 def verify_checkpoint(path):

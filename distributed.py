@@ -8,10 +8,13 @@ the only talk between ranks, so anything one rank decides alone (a file it found
 is handed to the others with on_rank0 / on_each_node.
 """
 
+import datetime
 import gc
+import glob
 import inspect
 import os
 import re
+import subprocess
 from contextlib import nullcontext
 
 import torch
@@ -22,41 +25,107 @@ from data import fail
 from model import GPT
 from optim import build_optimizer
 
-# Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (fp16 for V100/T4), matched
-# as whole words of torch.cuda.get_device_name(), most specific first ("A10" is not "A10G").
+# Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (half their "with sparsity" figures;
+# fp16 for V100/T4), matched as whole words of torch.cuda.get_device_name(), most specific first: "H100 PCIe"
+# before "H100", and "H20" is not "H200" ("A10" is not "A10G", which stays unknown).
 PEAK_FLOPS = {
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
-    "V100": 125e12, "T4": 65e12,
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,  # the SXM part is "NVIDIA H100 80GB HBM3"
+    "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12,
+    "H800 PCIe": 756e12, "H800": 989e12, "H20": 148e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12,
 }
+
+# torchrun's ranks wait in a collective while rank 0 alone writes a checkpoint to slow storage, starts W&B or
+# downloads HellaSwag: NCCL's default of 10 minutes can run out; a hung rank still ends the run, later
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+# the CUDA versions torch is built for -> the oldest Linux driver that runs them (NVIDIA's CUDA release notes)
+MIN_DRIVER = {"13": 580, "12.9": 575, "12.8": 570, "12.6": 560, "12.4": 550}
 
 
 # ---------------------------------------------------------------------------
 # devices and processes
 
-def default_device():
-    """cuda, then mps (Apple), then cpu."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def nvidia_driver():
+    """(driver version, [GPU names]) when this machine has an NVIDIA GPU, whether or not torch can use it;
+    None without one. Read from nvidia-smi, or the kernel module's version file when nvidia-smi is missing."""
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+        rows = [line.split(", ", 1) for line in out.strip().splitlines() if ", " in line]
+        if rows:
+            return rows[0][0], [name for _, name in rows]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/driver/nvidia/version") as f:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15 ..."
+            found = re.search(r"Kernel Module\s+([\d.]+)", f.read())
+        return (found.group(1) if found else "unknown"), []
+    except OSError:
+        return "unknown", []
+
+
+def cuda_unusable(driver, torch_cuda):
+    """Why torch (built for CUDA `torch_cuda`, e.g. "13.2"; None for a CPU-only build) cannot use this
+    machine's NVIDIA GPU (`driver`: nvidia_driver()'s), and what to do: one line."""
+    version, names = driver
+    gpus = f"{names[0]} × {len(names)}" if names else "an NVIDIA GPU"
+    if torch_cuda is None:
+        need = "this torch is a CPU-only build"
+    else:
+        major_minor = ".".join(torch_cuda.split(".")[:2])
+        least = MIN_DRIVER.get(major_minor, MIN_DRIVER.get(torch_cuda.split(".")[0]))
+        need = f"its CUDA {torch_cuda} needs driver >= {least}" if least else f"it is built for CUDA {torch_cuda}"
+    return (f"this machine has {gpus} (driver {version}) but torch {torch.__version__} cannot use it: {need}. "
+            f"Update the driver, or put a torch built for your driver's CUDA into the venv, e.g. "
+            f"uv pip install torch --index-url https://download.pytorch.org/whl/cu126 (README: Set up)")
+
+
+def choose_device(requested, world_size, cuda_available, mps_available, driver):
+    """The device a run uses: `requested` (auto, cuda, cpu, mps, cuda:N...), never a silent fallback. `auto`
+    picks cuda, then mps, then cpu, but stops with the reason when an NVIDIA GPU is there and torch cannot
+    use it (`driver`: nvidia_driver()'s), and under torchrun (world_size > 1) CPU processes must be asked for."""
+    if requested.startswith("cuda") or requested == "auto":
+        if cuda_available:
+            return "cuda" if requested == "auto" else requested
+        if driver is not None:
+            fail(cuda_unusable(driver, torch.version.cuda))
+        if requested != "auto":
+            fail(f"--device {requested}: torch finds no CUDA GPU on this machine; use --device auto or cpu")
+    if requested != "auto":
+        return requested
+    if world_size > 1:
+        fail(f"torchrun started {world_size} processes, but this machine has no GPU torch can use: pass "
+             f"--device cpu to train on CPU processes")
+    return "mps" if mps_available else "cpu"
+
+
+def default_device(requested="auto", world_size=1):
+    """choose_device on this machine (the NVIDIA probe only runs when torch finds no GPU)."""
+    cuda = torch.cuda.is_available()
+    driver = None if cuda or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1") else nvidia_driver()
+    return choose_device(requested, world_size, cuda, torch.backends.mps.is_available(), driver)
 
 
 def setup_distributed(cfg):
     """(rank, local_rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain python doesn't."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = default_device() if cfg.device == "auto" else cfg.device
+    device = default_device(cfg.device, world_size)
     if device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process on each node (local_rank 0 without torchrun)
-    if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.set_device(device)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    backend = "nccl" if cuda else "gloo"
+    # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no extra GPU-0 context)
+    options = {"timeout": PROCESS_GROUP_TIMEOUT, **({"device_id": torch.device(device)} if cuda else {})}
     if world_size > 1:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **options)
     elif cfg.parallelism == "fsdp":  # FSDP shards over a process group, even a group of one
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **options)
     return rank, local_rank, world_size, device
 
 
@@ -194,6 +263,38 @@ def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1):
     per_param = 18 + (4 if world_size > 1 else 0)
     return per_param * params + 42 * tokens * model_cfg.n_embd * model_cfg.n_layer \
         + 14 * tokens * model_cfg.padded_vocab_size
+
+
+def device_memory(device):
+    """Bytes a run may use on `device`: the GPU's memory, or for cpu / mps (which shares it) the machine's
+    RAM, or a container's memory limit when that is lower."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:  # cgroup v2: "max", or the limit in bytes
+            limit = f.read().strip()
+        return min(ram, int(limit)) if limit.isdigit() else ram
+    except OSError:
+        return ram
+
+
+def memory_problem(cfg, model_cfg, device_type, available, world_size):
+    """None if estimate_memory says the configured run fits in `available` bytes per rank; else one line
+    naming the need, what the device has and what to run instead (the largest micro batch that fits)."""
+    need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size)
+    if need <= available:
+        return None
+    per_rank = cfg.total_batch_size // (cfg.seq_len * world_size)  # a multiple of micro_batch_size
+    fitting = [m for m in range(1, per_rank + 1)
+               if per_rank % m == 0 and estimate_memory(model_cfg, m, cfg.seq_len, world_size) <= available]
+    fix = f"--micro_batch_size {fitting[-1]} fits" if fitting else "not even --micro_batch_size 1 fits"
+    if device_type == "cuda":
+        fix += " (--find_micro_batch use measures what really does)"
+    else:
+        fix += "; a laptop or CPU box is for --preset laptop (a 7M-parameter GPT-2 in minutes)"
+    return (f"micro batch {cfg.micro_batch_size} × {cfg.seq_len} tokens needs about {need / 2**30:.1f} GiB "
+            f"(estimate_memory), more than the {available / 2**30:.1f} GiB this {device_type} has: {fix}")
 
 
 def largest_fitting(candidates, fits):

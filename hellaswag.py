@@ -224,7 +224,7 @@ def main(argv=None):
 
     # under torchrun every rank scores its share of the examples; rank 0 prints
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = default_device() if args.device == "auto" else args.device
+    device = default_device(args.device, world_size)  # never a silent fallback to CPU
     if world_size > 1:
         if device == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"

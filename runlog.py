@@ -30,7 +30,8 @@ GPT3_124M_HELLASWAG = 0.337  # GPT-3 paper, zero-shot, 124M
 SERIES = {
     "train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "moe_max_load": "train/moe_max_load",
               "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu", "dt_ms": "perf/step_ms",
-              "mem_gb": "gpu/mem_gb", "gpu_util": "gpu/util"},
+              "mem_gb": "gpu/mem_gb", "mem_reserved_gb": "gpu/mem_reserved_gb", "mem_used_gb": "gpu/mem_used_gb",
+              "gpu_util": "gpu/util"},
     "val": {"val_loss": "val/loss"},
     "hella": {"acc_norm": "hellaswag/acc_norm"},
 }
@@ -126,7 +127,7 @@ def step_line(rec):
     return (f"step {rec['step']:5d} | loss {rec['loss']:.6f} | lr {rec['lr']:.4e} | norm {rec['grad_norm']:.4f} | "
             f"dt {rec['dt_ms']:.1f}ms | tok/s {rec['tokens_per_sec']:,.0f}"
             + (f" | mfu {rec['mfu'] * 100:.1f}%" if "mfu" in rec else "")
-            + (f" | mem {rec['mem_gb']:.1f}GiB" if "mem_gb" in rec else "")
+            + (f" | mem {rec['mem_gb']:.1f}GiB (reserved {rec['mem_reserved_gb']:.1f})" if "mem_gb" in rec else "")
             + (f" | util {rec['gpu_util']}%" if "gpu_util" in rec else "")
             + (f" | moe max load {rec['moe_max_load']:.2f}" if "moe_max_load" in rec else ""))
 
@@ -159,7 +160,9 @@ def git_commit():
 
 
 class GpuStats:
-    """GPU memory from torch; utilisation from NVML when nvidia-ml-py is installed (uv sync --extra gpu)."""
+    """GPU memory from torch: the peak allocated by tensors, and the peak the caching allocator reserved (what
+    an out-of-memory error is about). With nvidia-ml-py (uv sync --extra gpu), NVML adds the GPU's utilisation
+    and its memory in use by every process, CUDA context and NCCL buffers included."""
 
     def __init__(self, device):
         import torch
@@ -183,9 +186,11 @@ class GpuStats:
             return {}
         import torch
 
-        stats = {"mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+        stats = {"mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+                 "mem_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
         if self.nvml is not None:
             try:
+                stats["mem_used_gb"] = self.pynvml.nvmlDeviceGetMemoryInfo(self.nvml).used / 2**30
                 stats["gpu_util"] = self.pynvml.nvmlDeviceGetUtilizationRates(self.nvml).gpu
             except Exception:  # not supported on some vGPU / MIG set-ups: stop asking
                 self.nvml = None
@@ -211,7 +216,7 @@ def run_summary(run_dir):
     """The figures of a run, from its metrics.jsonl. A resume at step s discards what the log holds from
     step s on (a repeat, or a future that a rewind abandoned), as a start from scratch discards all."""
     events = read_events(run_dir)
-    train, val, hella, samples, status = {}, {}, {}, None, "incomplete"
+    train, val, hella, samples, status, failed_saves = {}, {}, {}, None, "incomplete", []
     for e in events:
         kind = e["event"]
         if kind in ("start", "resume"):
@@ -228,6 +233,8 @@ def run_summary(run_dir):
             hella[e["step"]] = e["acc_norm"]
         elif kind == "sample":
             samples = (e["step"], e["samples"])
+        elif kind == "checkpoint_failed":
+            failed_saves.append((e["step"], e["error"]))
         elif kind in ("end", "stop"):
             status = kind
     train_time = sum(e["dt_ms"] for e in train.values()) / 1000
@@ -252,7 +259,7 @@ def run_summary(run_dir):
         "mfu": sum(m * dt for m, dt in mfu) / sum(dt for _, dt in mfu) if mfu else None,
         "final_val": (max(val), val[max(val)]) if val else None, "best_val": (best_step, val[best_step]) if val else None,
         "final_hella": (max(hella), hella[max(hella)]) if hella else None,
-        "samples": samples,
+        "samples": samples, "failed_saves": failed_saves,
     }
 
 
@@ -295,6 +302,9 @@ def write_report(run_dir):
         ("mean tokens/s", f"{s['tokens_per_sec']:,.0f} (tokens / training time, compile warm-up included)"),
         ("mean MFU", f"{s['mfu'] * 100:.1f}%" if s["mfu"] is not None else "- (no peak FLOP/s known for this device)"),
     ]
+    if s["failed_saves"]:  # a disk that filled up, a mount that went away: the run trained on without them
+        step, error = s["failed_saves"][-1]
+        rows.append(("failed checkpoint saves", f"{len(s['failed_saves'])}, the last at step {step}: {error}"))
     lines = [f"# Run {run['run_name']}", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
              "## Evaluation", "", "| | this run | OpenAI GPT-2 124M | OpenAI GPT-3 124M |", "|---|---|---|---|",
              f"| final val loss | {fmt(s['final_val']) if s['final_val'] else '-'} | {GPT2_124M_VAL_LOSS} | - |",

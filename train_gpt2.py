@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -35,13 +36,14 @@ import hellaswag
 from checkpoint import (StopSignal, check_resume_settings, data_fingerprint, find_checkpoint, load_checkpoint,
                         restore_training_state, save_training_state)
 from data import DataLoader, fail, gpt2_tokenizer
-from distributed import (all_reduce_sum, autocast_for, find_micro_batch, on_each_node, on_rank0, node_of,
-                         peak_flops_per_device, resolve_dtype, setup_distributed, shard_model, unwrap_ddp, wrap_ddp)
+from distributed import (all_reduce_sum, autocast_for, device_memory, find_micro_batch, memory_problem, node_of,
+                         on_each_node, on_rank0, peak_flops_per_device, resolve_dtype, setup_distributed, shard_model,
+                         unwrap_ddp, wrap_ddp)
 from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
 from model import GPT, GPTConfig
 from optim import MATRIX_KINDS, build_optimizer, describe
 from plot import plot_runs, write_report_with_plot
-from runlog import GpuStats, RunLog, check_monitors, step_line
+from runlog import GpuStats, RunLog, check_monitors, hms, step_line
 
 
 @dataclass
@@ -113,6 +115,12 @@ TRAIN_MODEL_DEFAULTS = {"vocab_pad_multiple": 64}
 
 # --preset NAME: a set of settings under the --config file and the flags (both override it).
 PRESETS = {
+    # a 7M-parameter GPT-2 (4 layers × 128, context 256) that learns in minutes on a laptop or CPU box:
+    # 300 steps of 16384 tokens, evaluated every 50 (HellaSwag on 200 examples)
+    "laptop": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256, "seq_len": 256, "micro_batch_size": 16,
+               "total_batch_size": 16384, "max_steps": 300, "warmup_steps": 30, "max_lr": 1e-3, "val_every": 50,
+               "val_steps": 2, "hellaswag_every": 100, "hellaswag_limit": 200, "sample_every": 100,
+               "checkpoint_every": 100},
     # every gpt-oss change at GPT-2 124M's size: 12 query heads share 4 key/value heads, even layers
     # attend to the last 128 tokens, 8 experts of which each token uses 2 (the active MLP is the
     # dense one's size), untied output layer (SPEC-improvements.md, section A)
@@ -409,6 +417,10 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (no effect on CPU)
     fsdp = cfg.parallelism == "fsdp"
+    if not fsdp and not cfg.find_micro_batch:  # (FSDP shards what the estimate counts whole; the search measured)
+        sharing = 1 if device_type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks on one RAM
+        if problem := memory_problem(cfg, model_cfg, device_type, device_memory(device) // sharing, world_size):
+            fail(problem)
 
     # rank 0's clock names the run, so every rank writes to the same place
     run_name = cfg.run_name or on_rank0(lambda: time.strftime("%Y%m%d-%H%M%S"), rank, world_size)
@@ -476,15 +488,23 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     if not ckpt_path:
         runlog.event("start", step=0, world_size=world_size)
 
-    def checkpoint(step, finished=False):
+    def checkpoint(step, finished=False, last_chance=False):
+        """Save; a failed save (disk full...) is reported and retried at the next one, unless this was the
+        last chance (the end of the run, or a stop): then the run stops with the reason."""
         state = {"step": step,  # optimizer steps done: training continues at this step
                  "model_config": asdict(model_cfg), "train_config": asdict(cfg), "scaler": scaler.state_dict(),
                  "loader": train_loader.state_dict(), "data": fingerprint, "evals": evals, "finished": finished,
                  "world_size": world_size, "ema": ema.state_dict() if ema else None, "wandb_id": wandb_id}
-        path = save_training_state(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, rank, world_size,
-                                   writer, fsdp)
-        log(f"saved {path}")
-        runlog.event("checkpoint", step=step, path=path)
+        path, problem = save_training_state(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, rank,
+                                            world_size, writer, fsdp)
+        if problem:
+            runlog.event("checkpoint_failed", step=step, error=problem)
+            if last_chance:
+                fail(problem)
+            log(f"warning: {problem}; training goes on and tries again at the next checkpoint")
+        else:
+            log(f"saved {path}")
+            runlog.event("checkpoint", step=step, path=path)
         return time.time()
 
     last_save = t_start = time.time()
@@ -530,6 +550,9 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                           flops_per_token, peak and peak * world_size, raw_model)
         log(step_line(rec))
         runlog.event("train", **rec)
+        if device_type != "cuda" and step == start_step + 1:  # the first step warms up: time the second
+            log(f"one step takes {dt:.1f} s on this {device_type}: the {cfg.max_steps - step - 1} steps left "
+                f"would take about {hms(dt * (cfg.max_steps - step - 1))}")
 
         # the EMAs, then a checkpoint when due (the last step's follows the final evaluations)
         done = step + 1
@@ -539,7 +562,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                 save_snapshot(ema_dir, done, ema, asdict(model_cfg))
         periodic = save_now or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         if stop_now or (periodic and done < cfg.max_steps):
-            last_save = checkpoint(done)
+            last_save = checkpoint(done, last_chance=bool(stop_now))
         if stop_now:
             log(f"stopped at step {done} by a signal; run the same command again to resume")
             runlog.event("stop", step=done)
@@ -547,7 +570,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                 write_report_with_plot(run_dir)
             return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "stopped": True, **evals}
 
-    checkpoint(cfg.max_steps, finished=True)
+    checkpoint(cfg.max_steps, finished=True, last_chance=True)
     runlog.event("end", step=cfg.max_steps, elapsed_s=time.time() - t_start, **evals)
     if master:
         log(f"wrote {write_report_with_plot(run_dir)}")
@@ -558,8 +581,12 @@ def main(argv=None):
     cfg, model_cfg = parse_args(argv)
     try:
         train(cfg, model_cfg)
-    except torch.OutOfMemoryError:
-        fail(f"CUDA out of memory at micro_batch_size {cfg.micro_batch_size}; lower --micro_batch_size "
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        # CUDA's has a class of its own; the CPU's and Apple's are RuntimeErrors naming their allocator
+        if not isinstance(e, torch.OutOfMemoryError) and not re.search(r"can't allocate memory|out of memory", str(e)):
+            raise
+        where = "CUDA" if isinstance(e, torch.OutOfMemoryError) else "MPS" if "MPS" in str(e) else "CPU"
+        fail(f"{where} out of memory at micro_batch_size {cfg.micro_batch_size}; lower --micro_batch_size "
              f"(gradient accumulation keeps total_batch_size {cfg.total_batch_size} the same)")
 
 

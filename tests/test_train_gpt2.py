@@ -20,7 +20,8 @@ from train_gpt2 import TrainConfig, get_lr, grad_accum_steps, parse_args
 # a model small enough for 2 CPU cores; the real GPT-2 vocabulary so shards and samples are real text
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--seq_len", "32",
         "--micro_batch_size", "4", "--total_batch_size", "256", "--warmup_steps", "2", "--max_lr", "3e-3",
-        "--val_steps", "1", "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every_minutes", "0"]
+        "--val_steps", "1", "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every_minutes", "0",
+        "--device", "cpu"]
 
 
 def tiny_args(tmp_path, data_dir, name, *extra):
