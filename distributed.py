@@ -122,7 +122,9 @@ def setup_distributed(cfg):
     backend = "nccl" if cuda else "gloo"
     # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no extra GPU-0 context)
     options = {"timeout": PROCESS_GROUP_TIMEOUT, **({"device_id": torch.device(device)} if cuda else {})}
-    if world_size > 1:
+    if dist.is_initialized():  # a caller's group (preflight.py runs its own checks, then training in it)
+        pass
+    elif world_size > 1:
         dist.init_process_group(backend=backend, **options)
     elif cfg.parallelism == "fsdp":  # FSDP shards over a process group, even a group of one
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **options)
@@ -250,19 +252,32 @@ def unwrap_ddp(model):
 # ---------------------------------------------------------------------------
 # memory: how large a micro batch fits
 
-def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1):
+def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_type="cuda"):
     """Bytes of GPU memory one rank needs to train (DDP, AdamW, bf16 autocast, no recompute), estimated:
     16 per parameter for fp32 weights, grads and AdamW's two moments, 2 for autocast's bf16 weight copies,
     4 for DDP's gradient buckets (more than one rank); per layer 42 per token per n_embd of activations
-    saved for backward, and 14 per logit (bf16 logits, fp32 loss, their grad). The last two were measured
-    for this model.py with torch's MemTracker (tests check the whole estimate against it); torch.compile
-    fuses some of it away, and the CUDA allocator's caching adds some."""
-    with torch.device("meta"):  # the parameter count without allocating anything
-        params = GPT(model_cfg).num_params(non_embedding=False)
+    saved for backward, and 14 per logit (bf16 logits, fp32 loss, their grad). Attention that keeps its
+    T × T probabilities for backward (model.kernel_saves_scores: the reference, and SDPA where a masked
+    layer falls back to its math kernel on device_type; flash and FlexAttention keep a logsumexp per row)
+    adds per score of each such layer 4 bytes for SDPA (fp32) and 6 for the reference (fp32 and a bf16
+    copy), and once 8 (SDPA) or 6 (reference) for the score gradients of the layer in backward. These were
+    measured for this model.py with torch's MemTracker (tests check the whole estimate against it);
+    torch.compile fuses some of it away, and the CUDA allocator's caching adds some. device_type is the
+    device whose choice of attention kernel counts: by default a GPU's."""
+    with torch.device("meta"):  # the parameter count and the attention kernels without allocating anything
+        model = GPT(model_cfg)
+    params = model.num_params(non_embedding=False)
     tokens = micro_batch_size * seq_len
     per_param = 18 + (4 if world_size > 1 else 0)
+    scores = micro_batch_size * model_cfg.n_head * seq_len * (seq_len + 1 if model_cfg.sinks else seq_len)
+    # bytes a score of a layer that keeps its probabilities: saved for backward, and briefly more while
+    # that layer's backward runs (its score gradients; measured at most 6.1 for SDPA, 4.1 for the reference)
+    bytes_per_score = {"sdpa": (4, 8), "reference": (6, 6)}
+    kept = [bytes_per_score[attn.kernel(device_type, seq_len)]
+            for attn in (block.attn for block in model.transformer.h) if attn.saves_scores(device_type, seq_len)]
+    attention = (sum(saved for saved, _ in kept) + max((brief for _, brief in kept), default=0)) * scores
     return per_param * params + 42 * tokens * model_cfg.n_embd * model_cfg.n_layer \
-        + 14 * tokens * model_cfg.padded_vocab_size
+        + 14 * tokens * model_cfg.padded_vocab_size + attention
 
 
 def device_memory(device):
@@ -282,12 +297,12 @@ def device_memory(device):
 def memory_problem(cfg, model_cfg, device_type, available, world_size):
     """None if estimate_memory says the configured run fits in `available` bytes per rank; else one line
     naming the need, what the device has and what to run instead (the largest micro batch that fits)."""
-    need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size)
+    need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size, device_type)
     if need <= available:
         return None
     per_rank = cfg.total_batch_size // (cfg.seq_len * world_size)  # a multiple of micro_batch_size
     fitting = [m for m in range(1, per_rank + 1)
-               if per_rank % m == 0 and estimate_memory(model_cfg, m, cfg.seq_len, world_size) <= available]
+               if per_rank % m == 0 and estimate_memory(model_cfg, m, cfg.seq_len, world_size, device_type) <= available]
     fix = f"--micro_batch_size {fitting[-1]} fits" if fitting else "not even --micro_batch_size 1 fits"
     if device_type == "cuda":
         fix += " (--find_micro_batch use measures what really does)"

@@ -8,6 +8,7 @@ of GPT-2, one at a time (formulas from its reference implementation, gpt_oss/tor
 References: OpenAI's gpt-2 src/model.py, HF transformers modeling_gpt2.py, nanoGPT, gpt-oss.
 """
 
+import functools
 import math
 import os
 import shutil
@@ -40,7 +41,9 @@ class GPTConfig:
     window: int = 0  # sliding-window attention: a query sees only the last `window` tokens (0: all)
     window_every: int = 2  # layer i is windowed when i % window_every == 0 (gpt-oss: even layers)
     sinks: bool = False  # a learned extra softmax logit per head that can absorb attention
-    attn_impl: str = "sdpa"  # sdpa (every device) | flex (FlexAttention, CUDA training) | reference
+    # auto: per layer, FlexAttention on CUDA for a window or sinks, SDPA otherwise (see attention_kernel);
+    # sdpa | flex (FlexAttention, CUDA training) | reference: that kernel on every layer and device
+    attn_impl: str = "auto"
     moe_experts: int = 0  # 0: a dense MLP; more: a mixture of SwiGLU experts
     moe_topk: int = 4  # experts per token (gpt-oss: 4 of 32)
     moe_aux_loss: float = 0.0  # weight of the Switch-Transformer load-balance loss (gpt-oss: none)
@@ -54,7 +57,7 @@ class GPTConfig:
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu"),
-                   "attn_impl": ("sdpa", "flex", "reference")}
+                   "attn_impl": ("auto", "sdpa", "flex", "reference")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -248,8 +251,10 @@ def reference_attention(q, k, v, window=0, sinks=None):
 
 def sdpa_attention(q, k, v, window=0, sinks=None):
     """The same attention through F.scaled_dot_product_attention. Plain causal attention is flash
-    attention; a window becomes a boolean mask; a sink becomes one more key whose value is zero and
-    whose logit S_h the (float) mask supplies, so the softmax runs over T + 1 columns."""
+    attention (GQA included); a window becomes a boolean mask; a sink becomes one more key whose value
+    is zero and whose logit S_h the (float) mask supplies, so the softmax runs over T + 1 columns.
+    A mask has a cost: flash attention takes none, and where no other fused kernel does, SDPA falls back
+    to its math kernel, which keeps every layer's fp32 probabilities for backward (kernel_saves_scores)."""
     gqa = k.size(1) != q.size(1)
     if not window and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -262,24 +267,77 @@ def sdpa_attention(q, k, v, window=0, sinks=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def flex_attention(q, k, v, window=0, sinks=None):
-    """FlexAttention (torch.compile'd on CUDA): a block mask skips the tiles a window hides, which an
-    SDPA mask cannot. The sink rescales the output by its softmax share: out · sigmoid(lse - S_h).
-    PyTorch has no FlexAttention backward on CPU, so train with it on GPUs only."""
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
-    from torch.nn.attention.flex_attention import flex_attention as flex
+def make_block_mask(T, window, device):
+    """FlexAttention's block mask: which 128 × 128 tiles of the T × T scores hold a visible pair (and
+    which hold only visible pairs), so its kernel skips the hidden tiles and masks only inside the rest."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    T = q.size(2)
     causal = lambda b, h, i, j: j <= i
     banded = lambda b, h, i, j: (j <= i) & (i - j < window)
-    block_mask = create_block_mask(banded if window else causal, None, None, T, T, device=q.device)
-    y, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1), return_aux=AuxRequest(lse=True))
-    if sinks is not None:
-        y = y * torch.sigmoid(aux.lse - sinks.view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
-    return y
+    return create_block_mask(banded if window else causal, None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_block_mask(T, window, device):
+    return make_block_mask(T, window, device)
+
+
+def block_mask(T, window, device):
+    """make_block_mask, built once per (T, window, device) in eager mode: it evaluates the mask at all T²
+    pairs, op by op, too slow to redo in every layer of every forward. Inside torch.compile it is traced
+    into the graph instead, on purpose: Dynamo would not use a Python cache anyway (it traces through
+    an lru_cache, with a warning, and guards on a dict and replays writes to it). Each layer then traces
+    its own copy, a few small fused kernels beside attention itself; in a training graph, Inductor's
+    common-subexpression pass merges the layers' identical copies into one per (T, window) a forward
+    (an inference graph keeps one per layer)."""
+    if torch.compiler.is_compiling():
+        return make_block_mask(T, window, device)
+    return cached_block_mask(T, window, device)
+
+
+def flex_attention(q, k, v, window=0, sinks=None):
+    """FlexAttention (torch.compile'd on CUDA): a block mask skips the tiles a window hides, which an
+    SDPA mask cannot, and backward keeps one logsumexp per row, never T × T scores. The sink rescales
+    the output by its softmax share: out · sigmoid(lse - S_h). PyTorch has no FlexAttention backward on
+    CPU, so train with it on GPUs only; outside torch.compile it runs an unfused, slow version."""
+    from torch.nn.attention.flex_attention import AuxRequest
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    mask, gqa = block_mask(q.size(2), window, q.device), k.size(1) != q.size(1)
+    if sinks is None:  # no logsumexp asked for: compiled CPU FlexAttention cannot return one
+        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    y, aux = flex(q, k, v, block_mask=mask, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    return y * torch.sigmoid(aux.lse - sinks.view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
 
 
 ATTENTION = {"sdpa": sdpa_attention, "flex": flex_attention, "reference": reference_attention}
+
+
+def attention_kernel(attn_impl, device_type, window=0, sinks=False, eager_inference=False):
+    """Which of ATTENTION a layer runs, from --attn_impl, the device type ("cuda", "cpu", "mps") and the
+    layer's window (0 if it hides nothing) and sinks. "sdpa", "flex" and "reference" are obeyed as given.
+    "auto" sends a layer with a window or sinks on CUDA to FlexAttention: SDPA would need a mask, and a
+    masked SDPA can be left only its math kernel, which keeps every layer's T × T fp32 probabilities for
+    backward (for gpt-oss at micro batch 64, T = 1024: ~38 GB). Plain causal attention stays on SDPA,
+    flash attention, which takes GQA without a mask, so GQA changes no choice. Except in eager inference
+    (no gradients, no torch.compile: sampling, HellaSwag), where there is no backward to save memory for
+    and FlexAttention is unfused, slow and recompiled for every new T. On other devices "auto" is SDPA:
+    FlexAttention has no backward on the CPU or MPS."""
+    if attn_impl != "auto":
+        return attn_impl
+    return "flex" if device_type == "cuda" and (window or sinks) and not eager_inference else "sdpa"
+
+
+def kernel_saves_scores(kernel, device_type, window=0, sinks=False):
+    """Whether the kernel keeps a layer's (B, H, T, T) probabilities for backward, not just one logsumexp
+    per row as flash attention and FlexAttention do. The reference always does. SDPA does when its math
+    kernel is left: for the sinks' float mask on every device, the CPU included (measured with
+    MemTracker), and on GPUs for any mask: flash attention takes none, and whether the
+    memory-efficient kernel takes one depends on GQA, dtype and the torch version, so the worst is assumed.
+    The CPU's flash kernel takes a boolean (window) mask."""
+    if kernel == "reference":
+        return True
+    return kernel == "sdpa" and (sinks or (bool(window) and device_type != "cpu"))
 
 
 class CausalSelfAttention(nn.Module):
@@ -302,6 +360,20 @@ class CausalSelfAttention(nn.Module):
         else:
             self.rope_cos = None
 
+    def effective_window(self, T):
+        """A window of T or more hides nothing: the layer is then plain causal (flash) attention."""
+        return self.window if self.window < T else 0
+
+    def kernel(self, device_type, T, eager_inference=False):
+        """The attention function this layer runs for T tokens on device_type (see attention_kernel)."""
+        return attention_kernel(self.attn_impl, device_type, self.effective_window(T), self.sinks is not None,
+                                eager_inference)
+
+    def saves_scores(self, device_type, T):
+        """Whether that function keeps the layer's T × T probabilities for backward (estimate_memory)."""
+        return kernel_saves_scores(self.kernel(device_type, T), device_type, self.effective_window(T),
+                                   self.sinks is not None)
+
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
@@ -317,9 +389,9 @@ class CausalSelfAttention(nn.Module):
             # multiplied by head_dim, and attention's own 1/√head_dim leaves √head_dim
             s_qk = self.s_qk()
             q, k = unit(q) * (s_qk * self.head_dim), unit(k) * s_qk
-        # a window of T or more hides nothing: use the plain causal (flash) path
-        window = self.window if self.window < T else 0
-        y = ATTENTION[self.attn_impl](q, k, v, window, self.sinks)
+        eager_inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        kernel = self.kernel(q.device.type, T, eager_inference)
+        y = ATTENTION[kernel](q, k, v, self.effective_window(T), self.sinks)
         if self.mp:  # an average of values is shorter than each of them: bring every head back to unit RMS
             y = normalize(y)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -570,6 +642,28 @@ class GPT(nn.Module):
         T = seq_len or cfg.block_size
         keys = sum(min(block.attn.window or T, T) for block in self.transformer.h)
         return 6 * self.num_params(active=True) + 12 * cfg.n_head * (cfg.n_embd // cfg.n_head) * keys
+
+    def attention_kernels(self, device_type, seq_len=None):
+        """Per layer, the attention function ("sdpa", "flex", "reference") that training (and compiled
+        evaluation) runs on device_type for seq_len tokens (default block_size): asked on any machine."""
+        T = seq_len or self.config.block_size
+        return [block.attn.kernel(device_type, T) for block in self.transformer.h]
+
+    def describe_attention(self, device_type, seq_len=None):
+        """One line for the log, e.g. "attention on cuda: flex on 6 layers (window 128 + sinks), flex on 6
+        layers (causal + sinks)"; a layer that keeps T × T scores for backward says so."""
+        T = seq_len or self.config.block_size
+        groups = {}  # (kernel, what the layer does) -> layers
+        for block in self.transformer.h:
+            attn = block.attn
+            window = attn.effective_window(T)
+            what = (f"window {window}" if window else "causal") + (" + sinks" if attn.sinks is not None else "")
+            if attn.saves_scores(device_type, T):
+                what += "; saves T×T scores for backward"
+            key = (attn.kernel(device_type, T), what)
+            groups[key] = groups.get(key, 0) + 1
+        return f"attention on {device_type}: " + ", ".join(
+            f"{kernel} on {n} layer{'s' if n > 1 else ''} ({what})" for (kernel, what), n in groups.items())
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak FLOP/s."""

@@ -378,6 +378,7 @@ def step_record(step, loss, lr, norm, dt, cfg, elapsed, gpu, flops_per_token, pe
 
 def train(cfg, model_cfg):
     """Run (or resume) one training run; returns the run's folders and final evaluation figures."""
+    own_group = not dist.is_initialized()  # (preflight.py trains inside a process group of its own)
     rank, local_rank, world_size, device = setup_distributed(cfg)
     check_monitors(cfg)
     if cfg.find_micro_batch:
@@ -390,7 +391,7 @@ def train(cfg, model_cfg):
                   f"({cfg.total_batch_size // (found * cfg.seq_len * world_size)} accumulation steps); "
                   f"--micro_batch_size {found}")
         if cfg.find_micro_batch == "print":
-            if dist.is_initialized():
+            if own_group and dist.is_initialized():
                 dist.destroy_process_group()
             return {"micro_batch_size": found}
         cfg = replace(cfg, micro_batch_size=found)
@@ -401,7 +402,7 @@ def train(cfg, model_cfg):
             return run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing)
     finally:
         stop.restore()
-        if dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -483,6 +484,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         f" × {world_size}, dtype {str(ptdtype).removeprefix('torch.')}, compile {use_compile}")
     log(f"batch {cfg.total_batch_size} tokens = {cfg.micro_batch_size} × {cfg.seq_len} × {world_size} ranks"
         f" × {accum} accumulation steps; logs in {run_dir}, checkpoints in {ckpt_dir}")
+    log(raw_model.describe_attention(device_type, cfg.seq_len))
     for line in describe(raw_model, optimizer):
         log(f"  {line}")
     if not ckpt_path:

@@ -1,0 +1,173 @@
+"""preflight.py on CPU with a tiny config: every check's line, the FAILs that name their fix, the forecast
+against the step time it measured; and its decisions, as plain functions, for GPU figures."""
+
+import os
+import re
+
+import pytest
+
+import preflight
+from conftest import make_hellaswag_examples, run_script
+from test_train_gpt2 import TINY, torchrun
+from train_gpt2 import parse_args
+
+CHECKS = ["torch", "device", "/dev/shm", "disk", "data", "hellaswag", "memory", "all-reduce", "matmul", "attention",
+          "steps", "compile", "evaluation", "checkpoint", "resume", "forecast"]
+
+
+@pytest.fixture
+def hellaswag_file(tmp_path):
+    import json
+
+    path = tmp_path / "hellaswag.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in make_hellaswag_examples(8)))
+    return str(path)
+
+
+def args_for(tmp_path, data_dir, *extra):
+    return [*TINY, "--data_dir", data_dir, "--run_name", "real", "--log_dir", str(tmp_path / "logs"),
+            "--checkpoint_dir", str(tmp_path / "ckpt" / "real"), "--max_steps", "100", "--val_every", "50",
+            "--sample_every", "50", "--sample_tokens", "4", "--num_samples", "1", "--checkpoint_every", "40", *extra]
+
+
+def lines(stdout):
+    """{check: (status, detail)} from preflight's output."""
+    found = {}
+    for line in stdout.splitlines():
+        if m := re.match(r"(PASS|WARN|FAIL|SKIP)  (\S+) +(.*)", line):
+            found[m.group(2)] = (m.group(1), m.group(3))
+    return found
+
+
+def seconds(text):
+    h, m, s = re.fullmatch(r"(\d+)h (\d+)m ([\d.]+)s", text).groups()
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def test_preflight_end_to_end_on_cpu(shard_dir, tmp_path, hellaswag_file):
+    out = run_script("preflight.py", *args_for(tmp_path, shard_dir, "--hellaswag_every", "50", "--hellaswag_file",
+                                               hellaswag_file), "--steps", "4", "--price_per_hour", "30")
+    checks = lines(out.stdout)
+    assert list(checks) == CHECKS, out.stdout
+    assert {name for name, (status, _) in checks.items() if status == "SKIP"} == {"all-reduce", "matmul", "compile"}
+    assert all(status == "PASS" for name, (status, _) in checks.items() if name not in ("all-reduce", "matmul", "compile"))
+    assert "no GPU" in checks["matmul"][1] and "one process" in checks["all-reduce"][1]
+    assert checks["hellaswag"][1].startswith("8 examples") and "all 8:" in checks["evaluation"][1]
+    assert "within 0.0e+00" in checks["resume"][1]  # on CPU a resume is exact
+    assert re.search(r"preflight: 13 PASS, 0 WARN, 0 FAIL, 3 SKIP in .*the node is ready", out.stdout)
+    # nothing in the run's own folders, and the scratch folder is gone
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt" / "real").exists()
+    assert os.listdir(tmp_path / "ckpt") == []
+    assert "step     0 | loss" not in out.stdout  # the runs' own lines stay in the scratch folder
+
+    # the forecast: the measured step time × max_steps, plus the parts, and the price
+    step_ms = float(re.search(r"(\d+) ms a step", checks["steps"][1]).group(1))
+    forecast = checks["forecast"][1]
+    m = re.match(r"100 steps × (\d+) ms = (\S+ \S+ \S+) training, (.*): (\S+ \S+ \S+) in all, evaluations (\d+)% "
+                 r"of it; at 30.00 an hour: ([\d.]+)$", forecast)
+    assert m, forecast
+    assert float(m.group(1)) == step_ms
+    assert abs(seconds(m.group(2)) - 100 * step_ms / 1000) < 0.05 + 100 * 0.0005  # ms are rounded in the line
+    parts = dict(re.fullmatch(r"(\S+) (\S+ \S+ \S+)", p).groups() for p in m.group(3).split(", "))
+    assert set(parts) <= {"val", "hellaswag", "samples", "plots", "checkpoints", "start-up"} and "val" in parts
+    total = seconds(m.group(4))
+    assert abs(total - seconds(m.group(2)) - sum(seconds(v) for v in parts.values())) < 0.1 * (len(parts) + 1)
+    assert abs(float(m.group(6)) - 30 * total / 3600) < 0.01
+
+
+def test_missing_data_and_too_small_corpus_fail_with_the_fix(small_shards, tmp_path):
+    out = run_script("preflight.py", *args_for(tmp_path, str(tmp_path / "nowhere")), check=False)
+    assert out.returncode == 1
+    checks = lines(out.stdout)
+    assert checks["data"][0] == "FAIL" and "does not exist; make shards first: python fineweb_edu.py" in checks["data"][1]
+    assert checks["run"] == ("SKIP", "not started: fix the FAILs above first") and "steps" not in checks
+    assert "1 FAIL" in out.stdout
+
+    out = run_script("preflight.py", *args_for(tmp_path, small_shards, "--max_steps", "100000"), check=False)
+    assert out.returncode == 1
+    status, detail = lines(out.stdout)["data"]
+    assert status == "FAIL" and "fewer than --max_steps 100000" in detail
+    assert "tokenise more (python fineweb_edu.py" in detail and "or lower --max_steps" in detail
+    assert not (tmp_path / "ckpt").exists() or os.listdir(tmp_path / "ckpt") == []
+
+
+def test_preflight_on_two_cpu_ranks(shard_dir, tmp_path):
+    """Under torchrun the checks agree over the process group: an all-reduce's bandwidth, then both runs."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "preflight.py",
+           *args_for(tmp_path, shard_dir), "--steps", "2"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    checks = lines(out.stdout)
+    assert checks["all-reduce"][0] == "PASS" and re.search(r"GB/s bus bandwidth over 2 ranks \(gloo\)",
+                                                           checks["all-reduce"][1])
+    assert checks["resume"][0] == "PASS" and out.stdout.count("preflight: ") == 1  # rank 0 prints, once
+
+
+# ---- decisions ----
+
+def test_steps_in_shards_skip_short_tails():
+    # shards of 1000 and 300 tokens, steps of 256 (+1 for the last target): 3 + 1
+    assert preflight.steps_in_shards([1000, 300], 256) == 4
+    assert preflight.steps_in_shards([257], 256) == 1 and preflight.steps_in_shards([256], 256) == 0
+
+
+def test_gpu_health():
+    assert preflight.gpu_health(1980, 1980, 0, 0, 60)[0] == "PASS"
+    status, detail = preflight.gpu_health(1200, 1980, 0x4, 0, 89)  # NVML's power-cap bit
+    assert status == "WARN" and "SM clock 1200/1980 MHz" in detail and "0x4" in detail
+    assert preflight.gpu_health(1980, 1980, 0, 3, 60)[0] == "FAIL"
+
+
+def test_bus_bandwidth_and_event_counts():
+    assert preflight.bus_bandwidth(8e9, 0.1, 8) == pytest.approx(2 * 7 / 8 * 8e9 / 0.1)  # nccl-tests' busbw
+    assert preflight.event_count(250, 19073) == 78  # steps 0, 250, ..., 19000, and 19073
+    assert preflight.event_count(250, 500) == 3 and preflight.event_count(0, 500) == 0
+
+
+def test_forecast_adds_up():
+    cfg, _ = parse_args(["--max_steps", "1000", "--val_every", "250", "--hellaswag_every", "500", "--sample_every", "0",
+                         "--checkpoint_every", "400", "--checkpoint_every_minutes", "1"])
+    total, parts = preflight.forecast(cfg, step_s=0.15, val_s=2.0, hella_s=20.0, sample_s=1.0, plot_s=0.5,
+                                      ckpt_s=4.0, startup_s=60.0)
+    # val at 0, 250, 500, 750, 1000; HellaSwag at 0, 500, 1000; plots at those 5 steps; saves at 400, 800,
+    # the end, and 2 by the minute (150 s of training)
+    assert parts == pytest.approx({"training": 150.0, "val": 10.0, "hellaswag": 60.0, "samples": 0.0, "plots": 2.5,
+                                   "checkpoints": 20.0, "start-up": 60.0})
+    assert total == pytest.approx(302.5)
+
+
+def test_matmul_status():
+    assert preflight.matmul_status([700, 710, 690, 705], 989)[0] == "PASS"
+    status, detail = preflight.matmul_status([700, 710, 450, 705], 989)  # one GPU at 64% of its peers
+    assert status == "WARN" and detail.startswith("bf16 8192³: 450 TFLOP/s on the slowest GPU, 702 median")
+    assert preflight.matmul_status([400, 400], 989)[0] == "WARN"  # all alike, but under half the datasheet
+    assert preflight.matmul_status([400, 400], 0)[0] == "PASS"  # an unknown part: peers only
+
+
+def test_gpu_health_reads_nvml(monkeypatch):
+    """check_gpu_health's NVML calls, against a stand-in pynvml (no GPU here): the figures reach the line."""
+    import sys
+    import types
+
+    import torch
+
+    fake = types.SimpleNamespace(
+        NVML_CLOCK_SM=1, NVML_MEMORY_ERROR_TYPE_UNCORRECTED=1, NVML_VOLATILE_ECC=0, NVML_TEMPERATURE_GPU=0,
+        nvmlClocksThrottleReasonGpuIdle=0x1, nvmlClocksThrottleReasonApplicationsClocksSetting=0x2,
+        NVMLError=RuntimeError, nvmlInit=lambda: None, nvmlDeviceGetHandleByUUID=lambda uuid: uuid,
+        nvmlDeviceGetClockInfo=lambda h, kind: 1410, nvmlDeviceGetMaxClockInfo=lambda h, kind: 1980,
+        nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x1 | 0x4,  # idle (normal) and the power cap
+        nvmlDeviceGetTotalEccErrors=lambda h, kind, counter: 0, nvmlDeviceGetTemperature=lambda h, kind: 71)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="abc"))
+    checks = preflight.Checks(rank=1, world_size=1)  # rank 1: nothing printed
+    preflight.check_gpu_health(checks)
+    assert checks.lines == [("WARN", "gpu health", "SM clock 1410/1980 MHz, 71 °C, 0 uncorrected ECC errors: "
+                                                   "throttled (NVML reasons 0x4: power, heat or a slowdown)")]
