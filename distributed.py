@@ -8,6 +8,7 @@ the only talk between ranks, so anything one rank decides alone (a file it found
 is handed to the others with on_rank0 / on_each_node.
 """
 
+import dataclasses
 import datetime
 import gc
 import glob
@@ -312,6 +313,17 @@ def memory_problem(cfg, model_cfg, device_type, available, world_size):
             f"(estimate_memory), more than the {available / 2**30:.1f} GiB this {device_type} has: {fix}")
 
 
+def check_memory(cfg, model_cfg, device, world_size):
+    """Stop before the first step when the run cannot fit (memory_problem), not an hour into it. Not for
+    FSDP (the estimate counts the model whole) nor after --find_micro_batch (which measured)."""
+    if cfg.parallelism == "fsdp" or cfg.find_micro_batch:
+        return
+    device_type = device.split(":")[0]
+    sharing = 1 if device_type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks on one RAM
+    if problem := memory_problem(cfg, model_cfg, device_type, device_memory(device) // sharing, world_size):
+        fail(problem)
+
+
 def largest_fitting(candidates, fits):
     """The largest of the ascending candidates for which fits() is true, by binary search (whatever fits
     with a micro batch also fits with a smaller one); None if none does."""
@@ -371,3 +383,20 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
     if not best:
         fail(f"not even micro batch 1 of {cfg.seq_len} tokens fits on {device}; use a smaller model or --seq_len")
     return best
+
+
+def settle_micro_batch(cfg, model_cfg, rank, world_size, device):
+    """--find_micro_batch print|use: (the largest micro batch that fits, printed; the settings to train with:
+    cfg with it for "use", None for "print", which ends there)."""
+    if cfg.find_micro_batch not in ("print", "use") or not device.startswith("cuda"):
+        fail(f"--find_micro_batch {cfg.find_micro_batch}: takes print or use, and a CUDA GPU (elsewhere "
+             f"memory is rarely the limit: set --micro_batch_size)")
+    found = find_micro_batch(cfg, model_cfg, device, world_size)
+    if rank == 0:
+        print(f"largest micro batch that fits: {found} × {cfg.seq_len} tokens "
+              f"({cfg.total_batch_size // (found * cfg.seq_len * world_size)} accumulation steps); "
+              f"--micro_batch_size {found}")
+    if cfg.find_micro_batch == "print":
+        return found, None
+    torch.cuda.reset_peak_memory_stats()  # the log's memory figures are the run's, not the search's
+    return found, dataclasses.replace(cfg, micro_batch_size=found)

@@ -26,7 +26,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ import hellaswag
 from checkpoint import (StopSignal, check_resume_settings, data_fingerprint, find_checkpoint, load_checkpoint,
                         restore_training_state, save_training_state)
 from data import DataLoader, fail, gpt2_tokenizer
-from distributed import (all_reduce_sum, autocast_for, device_memory, find_micro_batch, memory_problem, node_of,
-                         on_each_node, on_rank0, peak_flops_per_device, resolve_dtype, setup_distributed, shard_model,
+from distributed import (all_reduce_sum, autocast_for, check_memory, node_of, on_each_node, on_rank0,
+                         peak_flops_per_device, resolve_dtype, settle_micro_batch, setup_distributed, shard_model,
                          unwrap_ddp, wrap_ddp)
 from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
 from model import GPT, GPTConfig
@@ -382,20 +382,11 @@ def train(cfg, model_cfg):
     rank, local_rank, world_size, device = setup_distributed(cfg)
     check_monitors(cfg)
     if cfg.find_micro_batch:
-        if cfg.find_micro_batch not in ("print", "use") or not device.startswith("cuda"):
-            fail(f"--find_micro_batch {cfg.find_micro_batch}: takes print or use, and a CUDA GPU (elsewhere "
-                 f"memory is rarely the limit: set --micro_batch_size)")
-        found = find_micro_batch(cfg, model_cfg, device, world_size)
-        if rank == 0:
-            print(f"largest micro batch that fits: {found} × {cfg.seq_len} tokens "
-                  f"({cfg.total_batch_size // (found * cfg.seq_len * world_size)} accumulation steps); "
-                  f"--micro_batch_size {found}")
-        if cfg.find_micro_batch == "print":
+        found, cfg = settle_micro_batch(cfg, model_cfg, rank, world_size, device)
+        if cfg is None:  # --find_micro_batch print: the search was the job
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
             return {"micro_batch_size": found}
-        cfg = replace(cfg, micro_batch_size=found)
-        torch.cuda.reset_peak_memory_stats()  # the log's memory figures are the run's, not the search's
     stop = StopSignal()
     try:
         with contextlib.ExitStack() as closing:  # the run's log writers, closed however the run ends
@@ -418,10 +409,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (no effect on CPU)
     fsdp = cfg.parallelism == "fsdp"
-    if not fsdp and not cfg.find_micro_batch:  # (FSDP shards what the estimate counts whole; the search measured)
-        sharing = 1 if device_type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks on one RAM
-        if problem := memory_problem(cfg, model_cfg, device_type, device_memory(device) // sharing, world_size):
-            fail(problem)
+    check_memory(cfg, model_cfg, device, world_size)
 
     # rank 0's clock names the run, so every rank writes to the same place
     run_name = cfg.run_name or on_rank0(lambda: time.strftime("%Y%m%d-%H%M%S"), rank, world_size)

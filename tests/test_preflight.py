@@ -44,21 +44,28 @@ def seconds(text):
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
-def test_preflight_end_to_end_on_cpu(shard_dir, tmp_path, hellaswag_file):
-    out = run_script("preflight.py", *args_for(tmp_path, shard_dir, "--hellaswag_every", "50", "--hellaswag_file",
-                                               hellaswag_file), "--steps", "4", "--price_per_hour", "30")
-    checks = lines(out.stdout)
-    assert list(checks) == CHECKS, out.stdout
+def run_preflight(capsys, *argv):
+    """preflight.main in this process: (exit code, what it printed)."""
+    code = preflight.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_preflight_end_to_end_on_cpu(shard_dir, tmp_path, hellaswag_file, capsys):
+    code, stdout = run_preflight(capsys, *args_for(tmp_path, shard_dir, "--hellaswag_every", "50", "--hellaswag_file",
+                                                   hellaswag_file), "--steps", "4", "--price_per_hour", "30")
+    assert code == 0
+    checks = lines(stdout)
+    assert list(checks) == CHECKS, stdout
     assert {name for name, (status, _) in checks.items() if status == "SKIP"} == {"all-reduce", "matmul", "compile"}
     assert all(status == "PASS" for name, (status, _) in checks.items() if name not in ("all-reduce", "matmul", "compile"))
     assert "no GPU" in checks["matmul"][1] and "one process" in checks["all-reduce"][1]
     assert checks["hellaswag"][1].startswith("8 examples") and "all 8:" in checks["evaluation"][1]
     assert "within 0.0e+00" in checks["resume"][1]  # on CPU a resume is exact
-    assert re.search(r"preflight: 13 PASS, 0 WARN, 0 FAIL, 3 SKIP in .*the node is ready", out.stdout)
+    assert re.search(r"preflight: 13 PASS, 0 WARN, 0 FAIL, 3 SKIP in .*the node is ready", stdout)
     # nothing in the run's own folders, and the scratch folder is gone
     assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt" / "real").exists()
     assert os.listdir(tmp_path / "ckpt") == []
-    assert "step     0 | loss" not in out.stdout  # the runs' own lines stay in the scratch folder
+    assert "step     0 | loss" not in stdout  # the runs' own lines stay in the scratch folder
 
     # the forecast: the measured step time × max_steps, plus the parts, and the price
     step_ms = float(re.search(r"(\d+) ms a step", checks["steps"][1]).group(1))
@@ -75,17 +82,17 @@ def test_preflight_end_to_end_on_cpu(shard_dir, tmp_path, hellaswag_file):
     assert abs(float(m.group(6)) - 30 * total / 3600) < 0.01
 
 
-def test_missing_data_and_too_small_corpus_fail_with_the_fix(small_shards, tmp_path):
-    out = run_script("preflight.py", *args_for(tmp_path, str(tmp_path / "nowhere")), check=False)
+def test_missing_data_and_too_small_corpus_fail_with_the_fix(small_shards, tmp_path, capsys):
+    out = run_script("preflight.py", *args_for(tmp_path, str(tmp_path / "nowhere")), check=False)  # the real exit
     assert out.returncode == 1
     checks = lines(out.stdout)
     assert checks["data"][0] == "FAIL" and "does not exist; make shards first: python fineweb_edu.py" in checks["data"][1]
     assert checks["run"] == ("SKIP", "not started: fix the FAILs above first") and "steps" not in checks
     assert "1 FAIL" in out.stdout
 
-    out = run_script("preflight.py", *args_for(tmp_path, small_shards, "--max_steps", "100000"), check=False)
-    assert out.returncode == 1
-    status, detail = lines(out.stdout)["data"]
+    code, stdout = run_preflight(capsys, *args_for(tmp_path, small_shards, "--max_steps", "100000"))
+    assert code == 1
+    status, detail = lines(stdout)["data"]
     assert status == "FAIL" and "fewer than --max_steps 100000" in detail
     assert "tokenise more (python fineweb_edu.py" in detail and "or lower --max_steps" in detail
     assert not (tmp_path / "ckpt").exists() or os.listdir(tmp_path / "ckpt") == []

@@ -112,13 +112,13 @@ def two_nodes(tmp_path, args_for_node, timeout=300):
 
 
 def test_two_nodes_per_node_checkpoints(small_shards, tmp_path):
-    """torchrun --nnodes=2 with a c10d rendezvous logs the same losses as 1 node × 2 processes; with
-    --checkpoint_per_node each node writes its own full copy, both resume from it, and nodes that hold
-    different checkpoints are refused on every rank."""
-    from test_train_gpt2 import losses_by_step, tiny_args, torchrun
+    """torchrun --nnodes=2 with a c10d rendezvous logs the same losses as one process (and so as 1 node ×
+    2 processes: test_ddp_matches_single_process); with --checkpoint_per_node each node writes its own full
+    copy, both resume from it, and nodes that hold different checkpoints are refused on every rank."""
+    from test_train_gpt2 import losses_by_step, run_inprocess, tiny_args
 
     common = ["--max_steps", "6", "--val_every", "3", "--checkpoint_every", "3"]
-    torchrun(2, *tiny_args(tmp_path, small_shards, "one_node", *common))
+    run_inprocess(tiny_args(tmp_path, small_shards, "one_node", *common))
 
     def node_args(node):  # the same command on both machines, except each node's own disk
         args = tiny_args(tmp_path, small_shards, "two_nodes", *common, "--checkpoint_per_node")
@@ -127,8 +127,8 @@ def test_two_nodes_per_node_checkpoints(small_shards, tmp_path):
     for rc, out in two_nodes(tmp_path, node_args):
         assert rc == 0, out[-3000:]
     one, two = tmp_path / "logs" / "one_node", tmp_path / "logs" / "two_nodes"
-    for kind, key in (("train", "loss"), ("val", "val_loss")):
-        assert losses_by_step(two, kind, key) == pytest.approx(losses_by_step(one, kind, key), rel=1e-6)
+    for kind, key in (("train", "loss"), ("val", "val_loss")):  # summed in another order: not bitwise
+        assert losses_by_step(two, kind, key) == pytest.approx(losses_by_step(one, kind, key), rel=1e-5)
     copies = [tmp_path / f"node{n}" / "ckpt" for n in range(2)]
     for name in ("step_000003.pt", "step_000006.pt"):
         a, b = (torch.load(c / name, weights_only=True) for c in copies)
@@ -148,7 +148,7 @@ def test_two_nodes_per_node_checkpoints(small_shards, tmp_path):
     from test_train_gpt2 import events
 
     assert [e["step"] for e in events(two, "resume")] == [3]
-    assert losses_by_step(two) == pytest.approx(losses_by_step(one), rel=1e-6)
+    assert losses_by_step(two) == pytest.approx(losses_by_step(one), rel=1e-5)
 
     # node 1 comes back with an empty disk: every rank refuses, naming what each node has
     import shutil
@@ -161,18 +161,19 @@ def test_two_nodes_per_node_checkpoints(small_shards, tmp_path):
 
 def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hellaswag_file, tmp_path):
     """--parallelism fsdp on 2 CPU processes, 2 micro-steps each: the same losses, HellaSwag and samples
-    as DDP; sharded checkpoints (torch.distributed.checkpoint) that hold DDP's weights; a rewind with
-    --resume PATH replays exactly on 2 ranks and, resharded, on 1. HellaSwag at the resumed step comes
-    before any other forward (FSDP must already be set up by then)."""
+    as DDP (here one process, which DDP matches: test_ddp_matches_single_process); sharded checkpoints
+    (torch.distributed.checkpoint) that hold DDP's weights; a rewind with --resume PATH replays exactly
+    on 2 ranks and, resharded, on 1. HellaSwag at the resumed step comes before any other forward (FSDP
+    must already be set up by then)."""
     from conftest import run_script
-    from test_train_gpt2 import events, final_weights, losses_by_step, tiny_args, torchrun
+    from test_train_gpt2 import events, final_weights, losses_by_step, run_inprocess, tiny_args, torchrun
     from checkpoint import load_checkpoint, verify_checkpoint
 
     common = ["--max_steps", "6", "--micro_batch_size", "2", "--val_every", "4", "--checkpoint_every", "3",
               "--hellaswag_every", "3",
               "--hellaswag_file", hellaswag_file, "--hellaswag_limit", "5", "--sample_every", "6",
               "--num_samples", "2", "--sample_tokens", "4"]
-    torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", *common))
+    run_inprocess(tiny_args(tmp_path, small_shards, "ddp", *common))
     fsdp = tiny_args(tmp_path, small_shards, "fsdp", *common, "--parallelism", "fsdp")
     torchrun(2, *fsdp)
     logs = tmp_path / "logs"
@@ -205,12 +206,13 @@ def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hella
 
 @pytest.mark.slow
 def test_fsdp_under_compile(small_shards, tmp_path):
-    """torch.compile of the FSDP2-sharded model (2 CPU processes) trains like the eager one."""
-    from test_train_gpt2 import losses_by_step, tiny_args, torchrun
+    """torch.compile of the FSDP2-sharded model (2 CPU processes) trains like the eager model (one
+    process, which eager FSDP matches: test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks)."""
+    from test_train_gpt2 import losses_by_step, run_inprocess, tiny_args, torchrun
 
-    common = ["--max_steps", "3", "--val_every", "3", "--parallelism", "fsdp"]
-    torchrun(2, *tiny_args(tmp_path, small_shards, "eager", *common))
-    torchrun(2, *tiny_args(tmp_path, small_shards, "compiled", *common, "--compile"))
+    common = ["--max_steps", "3", "--val_every", "3"]
+    run_inprocess(tiny_args(tmp_path, small_shards, "eager", *common))
+    torchrun(2, *tiny_args(tmp_path, small_shards, "compiled", *common, "--parallelism", "fsdp", "--compile"))
     for kind, key in (("train", "loss"), ("val", "val_loss")):
         assert losses_by_step(tmp_path / "logs" / "compiled", kind, key) == \
             pytest.approx(losses_by_step(tmp_path / "logs" / "eager", kind, key), rel=1e-4)
@@ -220,11 +222,11 @@ def test_fsdp_bf16_keeps_fp32_master_weights(small_shards, tmp_path):
     """--dtype bfloat16 with FSDP (2 CPU processes): the bf16 MixedPrecisionPolicy path (bf16 shards
     gathered over gloo, fp32 reduction) runs, trains like DDP under bf16 autocast up to bf16 rounding,
     and its checkpoint holds fp32 master weights."""
-    from test_train_gpt2 import losses_by_step, tiny_args, torchrun
+    from test_train_gpt2 import losses_by_step, run_inprocess, tiny_args, torchrun
     from checkpoint import load_checkpoint
 
     common = ["--max_steps", "4", "--val_every", "4", "--dtype", "bfloat16"]
-    torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", *common))
+    run_inprocess(tiny_args(tmp_path, small_shards, "ddp", *common))  # one process: DDP's math
     torchrun(2, *tiny_args(tmp_path, small_shards, "fsdp", *common, "--parallelism", "fsdp"))
     for kind, key in (("train", "loss"), ("val", "val_loss")):
         fsdp, ddp = (losses_by_step(tmp_path / "logs" / run, kind, key) for run in ("fsdp", "ddp"))
