@@ -165,7 +165,6 @@ def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hella
     (torch.distributed.checkpoint) that hold DDP's weights; a rewind with --resume PATH replays exactly
     on 2 ranks and, resharded, on 1. HellaSwag at the resumed step comes before any other forward (FSDP
     must already be set up by then)."""
-    from conftest import run_script
     from test_train_gpt2 import events, final_weights, losses_by_step, run_inprocess, tiny_args, torchrun
     from checkpoint import load_checkpoint, verify_checkpoint
 
@@ -199,7 +198,7 @@ def test_fsdp_matches_ddp_and_resumes_on_any_number_of_ranks(small_shards, hella
     rewind = [*fsdp, "--resume", str(ckpt / "step_000003.dcp")]
     torchrun(2, *rewind)  # on 2 ranks: exactly the same steps again
     assert losses_by_step(logs / "fsdp") == whole and losses_by_step(logs / "fsdp", "hella", "acc_norm") == hella
-    run_script("train_gpt2.py", *rewind)  # on 1 rank (4 micro-steps): resharded, equal up to summation order
+    run_inprocess(rewind)  # on 1 rank (4 micro-steps): resharded, equal up to summation order
     assert [(e["step"], e["world_size"]) for e in events(logs / "fsdp", "resume")] == [(3, 2), (3, 1)]
     assert losses_by_step(logs / "fsdp") == pytest.approx(whole, rel=1e-5)
 
