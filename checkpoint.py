@@ -10,6 +10,7 @@ A checkpoint holds plain tensors, dicts and lists only: torch.load(weights_only=
 """
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -36,10 +37,11 @@ RESUME_FIXED = ("seq_len", "total_batch_size", "shuffle", "seed")
 # ---------------------------------------------------------------------------
 # saving: every rank calls save_training_state; the writers write
 
-def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp):
+def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp, volume=None):
     """Save a training run: `state` (the step, settings, loader position, ...) with every rank's RNG state,
     the weights and the optimizer state. Called on every rank: FSDP ranks each write their shards, DDP's
-    `writer` (rank 0, or each node's first rank) the whole .pt.
+    `writer` (rank 0, or each node's first rank) the whole .pt; `volume` (checkpoint_volume's, on the
+    writers) is the filesystem ckpt_dir must still be on.
 
     Returns (path, None) (the path on the writers), or (None, what went wrong in one line) on every rank
     when the save failed on any: a full disk, no permission, a vanished mount. Then no part of the new
@@ -58,10 +60,10 @@ def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_siz
         errors += (CheckpointException,)
     try:
         if fsdp:
-            path = save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size)
+            path = save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size, volume)
         elif writer:
             path = save_checkpoint(ckpt_dir, {**state, "model": model.state_dict(),  # unwrapped: plain names
-                                              "optimizer": optimizer.state_dict()}, keep)
+                                              "optimizer": optimizer.state_dict()}, keep, volume)
     except errors as e:
         problem = save_problem(ckpt_dir, f"step_{state['step']:06d}", e, state_bytes([model, optimizer]))
     problems = [problem]
@@ -73,9 +75,26 @@ def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_siz
 
 
 def state_bytes(modules):
-    """About how many bytes a checkpoint of these modules' (and optimizers') state takes."""
-    tensors = [t for m in modules for t in _tensors(m.state_dict())]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """About how many bytes a checkpoint of these modules' (and optimizers') state takes (a tensor shared
+    by two names, as tied embeddings are, once)."""
+    tensors = {id(t): t for m in modules for t in _tensors(m.state_dict())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def checkpoint_volume(ckpt_dir):
+    """Create ckpt_dir (at the start of a run, on the ranks that write) and return the filesystem it is on,
+    which every save then checks (check_volume)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    return os.stat(ckpt_dir).st_dev
+
+
+def check_volume(ckpt_dir, volume):
+    """ckpt_dir must still be there, on the filesystem it was on at the start (volume: checkpoint_volume's).
+    A volume that went away (an unmounted or lost network disk) would otherwise have the save recreate the
+    folder on the disk below, and the checkpoints would vanish with the instance."""
+    if volume is not None and (not os.path.isdir(ckpt_dir) or os.stat(ckpt_dir).st_dev != volume):
+        raise OSError(errno.ENOENT, "the folder is gone or on another filesystem now (was its volume "
+                                    "unmounted?)", ckpt_dir)
 
 
 def _tensors(obj):
@@ -119,19 +138,20 @@ def rng_state():
     }
 
 
-def save_checkpoint(ckpt_dir, state, keep):
+def save_checkpoint(ckpt_dir, state, keep, volume=None):
     """Write state as step_NNNNNN.pt + .json, point `latest` at it, then prune to the `keep` newest."""
     name = f"step_{state['step']:06d}"
     path = os.path.join(ckpt_dir, name + ".pt")
-    with atomic_write(path) as f:  # a failed write leaves nothing: atomic_write removes its temporary file
-        writer = _HashingWriter(f)
-        try:
-            torch.save(state, writer)
-        except RuntimeError:  # torch.save reports a failed write as "unexpected pos": say what failed
-            if writer.error:
-                raise writer.error from None
-            raise
+    check_volume(ckpt_dir, volume)
     try:
+        with atomic_write(path) as f:  # a failed write leaves nothing: atomic_write removes its temporary file
+            writer = _HashingWriter(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:  # torch.save reports a failed write as "unexpected pos": say what failed
+                if writer.error:
+                    raise writer.error from None
+                raise
         with atomic_write(os.path.join(ckpt_dir, name + ".json"), "w") as f:
             json.dump({"file": name + ".pt", "step": state["step"], "bytes": writer.size,
                        "sha256": writer.sha256.hexdigest()}, f)
@@ -162,7 +182,7 @@ class _HashingWriter:
         self.f.flush()
 
 
-def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size):
+def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size, volume=None):
     """FSDP: every rank writes its shards of the weights and optimizer state with torch.distributed.checkpoint
     into step_NNNNNN.dcp/ (a folder, resumable on any number of ranks); rank 0 adds the rest of `state`
     as train_state.pt and records every file's size and sha256 in step_NNNNNN.json. Written under a
@@ -174,6 +194,7 @@ def save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world
     final, tmp = os.path.join(ckpt_dir, name + ".dcp"), os.path.join(ckpt_dir, f".{name}.dcp.tmp")
 
     def prepare():
+        check_volume(ckpt_dir, volume)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
 

@@ -49,8 +49,10 @@ MIN_DRIVER = {"13": 580, "12.9": 575, "12.8": 570, "12.6": 560, "12.4": 550}
 
 def nvidia_driver():
     """(driver version, [GPU names]) when this machine has an NVIDIA GPU, whether or not torch can use it;
-    None without one. Read from nvidia-smi, or the kernel module's version file when nvidia-smi is missing."""
-    if not glob.glob("/dev/nvidia[0-9]*"):
+    None without one. Read from nvidia-smi, or the kernel module's version file when nvidia-smi is missing.
+    (WSL2 shows GPUs as /dev/dxg, whatever their maker: there nvidia-smi must answer.)"""
+    devices = glob.glob("/dev/nvidia[0-9]*")
+    if not devices and not os.path.exists("/dev/dxg"):
         return None
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"],
@@ -60,6 +62,8 @@ def nvidia_driver():
             return rows[0][0], [name for _, name in rows]
     except (OSError, subprocess.SubprocessError):
         pass
+    if not devices:
+        return None
     try:
         with open("/proc/driver/nvidia/version") as f:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15 ..."
             found = re.search(r"Kernel Module\s+([\d.]+)", f.read())
@@ -68,31 +72,45 @@ def nvidia_driver():
         return "unknown", []
 
 
-def cuda_unusable(driver, torch_cuda):
+def cuda_unusable(driver, torch_cuda, visible=None):
     """Why torch (built for CUDA `torch_cuda`, e.g. "13.2"; None for a CPU-only build) cannot use this
-    machine's NVIDIA GPU (`driver`: nvidia_driver()'s), and what to do: one line."""
+    machine's NVIDIA GPU (`driver`: nvidia_driver()'s; `visible`: CUDA_VISIBLE_DEVICES), and what to do:
+    one line."""
     version, names = driver
     gpus = f"{names[0]} × {len(names)}" if names else "an NVIDIA GPU"
+    head = f"this machine has {gpus} (driver {version}) but torch {torch.__version__} cannot use it"
+    cpu = "; or pass --device cpu to train on the CPU"
     if torch_cuda is None:
-        need = "this torch is a CPU-only build"
-    else:
-        major_minor = ".".join(torch_cuda.split(".")[:2])
-        least = MIN_DRIVER.get(major_minor, MIN_DRIVER.get(torch_cuda.split(".")[0]))
-        need = f"its CUDA {torch_cuda} needs driver >= {least}" if least else f"it is built for CUDA {torch_cuda}"
-    return (f"this machine has {gpus} (driver {version}) but torch {torch.__version__} cannot use it: {need}. "
-            f"Update the driver, or put a torch built for your driver's CUDA into the venv, e.g. "
-            f"uv pip install torch --index-url https://download.pytorch.org/whl/cu126 (README: Set up)")
+        return f"{head}: this torch is a CPU-only build; install the locked one again with uv sync{cpu}"
+    major_minor = ".".join(torch_cuda.split(".")[:2])
+    least = MIN_DRIVER.get(major_minor, MIN_DRIVER.get(torch_cuda.split(".")[0]))
+    try:
+        new_enough = least is not None and int(version.split(".")[0]) >= least
+    except ValueError:  # "unknown"
+        new_enough = False
+    if new_enough:  # the driver is not it: what else hides a GPU from CUDA
+        return (f"{head}, though the driver is new enough for its CUDA {torch_cuda}: check CUDA_VISIBLE_DEVICES "
+                f"({visible if visible is not None else 'not set'}), that nvidia-smi lists the GPUs, and on NVSwitch "
+                f"nodes (8 × H100/H200 SXM) that nvidia-fabricmanager is running{cpu}")
+    need = f"its CUDA {torch_cuda} needs driver >= {least}" if least else f"it is built for CUDA {torch_cuda}"
+    return (f"{head}: {need}. Update the driver, or put a torch built for your driver's CUDA into the venv, e.g. "
+            f"uv pip install torch --index-url https://download.pytorch.org/whl/cu126 (README: Set up){cpu}")
 
 
 def choose_device(requested, world_size, cuda_available, mps_available, driver):
     """The device a run uses: `requested` (auto, cuda, cpu, mps, cuda:N...), never a silent fallback. `auto`
     picks cuda, then mps, then cpu, but stops with the reason when an NVIDIA GPU is there and torch cannot
     use it (`driver`: nvidia_driver()'s), and under torchrun (world_size > 1) CPU processes must be asked for."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", requested):
+        fail(f"--device {requested}: choose auto, cuda, cuda:N, mps or cpu")
+    if requested.startswith("cuda:") and world_size > 1:
+        fail(f"--device {requested} under torchrun would put every rank on one GPU: use --device cuda "
+             f"(each rank takes the GPU of its LOCAL_RANK)")
     if requested.startswith("cuda") or requested == "auto":
         if cuda_available:
             return "cuda" if requested == "auto" else requested
         if driver is not None:
-            fail(cuda_unusable(driver, torch.version.cuda))
+            fail(cuda_unusable(driver, torch.version.cuda, os.environ.get("CUDA_VISIBLE_DEVICES")))
         if requested != "auto":
             fail(f"--device {requested}: torch finds no CUDA GPU on this machine; use --device auto or cpu")
     if requested != "auto":
@@ -106,7 +124,8 @@ def choose_device(requested, world_size, cuda_available, mps_available, driver):
 def default_device(requested="auto", world_size=1):
     """choose_device on this machine (the NVIDIA probe only runs when torch finds no GPU)."""
     cuda = torch.cuda.is_available()
-    driver = None if cuda or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1") else nvidia_driver()
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1", "NoDevFiles")  # on purpose (Slurm: no GPU asked)
+    driver = None if cuda or hidden else nvidia_driver()
     return choose_device(requested, world_size, cuda, torch.backends.mps.is_available(), driver)
 
 
@@ -118,6 +137,9 @@ def setup_distributed(cfg):
     if device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process on each node (local_rank 0 without torchrun)
     cuda = device.startswith("cuda")
+    if cuda and int(device.split(":")[1]) >= torch.cuda.device_count():
+        fail(f"{device}: this machine has {torch.cuda.device_count()} GPU(s) torch can see; start no more "
+             f"processes per node than that (torchrun --nproc-per-node)")
     if cuda:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
@@ -253,7 +275,7 @@ def unwrap_ddp(model):
 # ---------------------------------------------------------------------------
 # memory: how large a micro batch fits
 
-def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_type="cuda"):
+def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_type="cuda", compiled=True):
     """Bytes of GPU memory one rank needs to train (DDP, AdamW, bf16 autocast, no recompute), estimated:
     16 per parameter for fp32 weights, grads and AdamW's two moments, 2 for autocast's bf16 weight copies,
     4 for DDP's gradient buckets (more than one rank); per layer 42 per token per n_embd of activations
@@ -264,7 +286,8 @@ def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_t
     copy), and once 8 (SDPA) or 6 (reference) for the score gradients of the layer in backward. These were
     measured for this model.py with torch's MemTracker (tests check the whole estimate against it);
     torch.compile fuses some of it away, and the CUDA allocator's caching adds some. device_type is the
-    device whose choice of attention kernel counts: by default a GPU's."""
+    device whose choice of attention kernel counts (by default a GPU's), compiled whether the training step
+    is (uncompiled FlexAttention keeps its scores: counted as SDPA's math kernel, an assumption)."""
     with torch.device("meta"):  # the parameter count and the attention kernels without allocating anything
         model = GPT(model_cfg)
     params = model.num_params(non_embedding=False)
@@ -273,9 +296,9 @@ def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_t
     scores = micro_batch_size * model_cfg.n_head * seq_len * (seq_len + 1 if model_cfg.sinks else seq_len)
     # bytes a score of a layer that keeps its probabilities: saved for backward, and briefly more while
     # that layer's backward runs (its score gradients; measured at most 6.1 for SDPA, 4.1 for the reference)
-    bytes_per_score = {"sdpa": (4, 8), "reference": (6, 6)}
-    kept = [bytes_per_score[attn.kernel(device_type, seq_len)]
-            for attn in (block.attn for block in model.transformer.h) if attn.saves_scores(device_type, seq_len)]
+    bytes_per_score = {"sdpa": (4, 8), "reference": (6, 6), "flex": (4, 8)}
+    kept = [bytes_per_score[attn.kernel(device_type, seq_len)] for attn in (block.attn for block in model.transformer.h)
+            if attn.saves_scores(device_type, seq_len, compiled)]
     attention = (sum(saved for saved, _ in kept) + max((brief for _, brief in kept), default=0)) * scores
     return per_param * params + 42 * tokens * model_cfg.n_embd * model_cfg.n_layer \
         + 14 * tokens * model_cfg.padded_vocab_size + attention
@@ -295,15 +318,16 @@ def device_memory(device):
         return ram
 
 
-def memory_problem(cfg, model_cfg, device_type, available, world_size):
+def memory_problem(cfg, model_cfg, device_type, available, world_size, compiled=True):
     """None if estimate_memory says the configured run fits in `available` bytes per rank; else one line
     naming the need, what the device has and what to run instead (the largest micro batch that fits)."""
-    need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size, device_type)
+    need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size, device_type, compiled)
     if need <= available:
         return None
     per_rank = cfg.total_batch_size // (cfg.seq_len * world_size)  # a multiple of micro_batch_size
     fitting = [m for m in range(1, per_rank + 1)
-               if per_rank % m == 0 and estimate_memory(model_cfg, m, cfg.seq_len, world_size, device_type) <= available]
+               if per_rank % m == 0 and estimate_memory(model_cfg, m, cfg.seq_len, world_size, device_type,
+                                                        compiled) <= available]
     fix = f"--micro_batch_size {fitting[-1]} fits" if fitting else "not even --micro_batch_size 1 fits"
     if device_type == "cuda":
         fix += " (--find_micro_batch use measures what really does)"
@@ -313,14 +337,23 @@ def memory_problem(cfg, model_cfg, device_type, available, world_size):
             f"(estimate_memory), more than the {available / 2**30:.1f} GiB this {device_type} has: {fix}")
 
 
-def check_memory(cfg, model_cfg, device, world_size):
-    """Stop before the first step when the run cannot fit (memory_problem), not an hour into it. Not for
-    FSDP (the estimate counts the model whole) nor after --find_micro_batch (which measured)."""
-    if cfg.parallelism == "fsdp" or cfg.find_micro_batch:
-        return
+def run_memory(cfg, model_cfg, device, world_size):
+    """(bytes estimate_memory says a rank of this run needs, bytes it has, memory_problem's line or None).
+    The need is None for FSDP (the estimate counts the model whole) and after --find_micro_batch (which
+    measured): those are not checked."""
     device_type = device.split(":")[0]
     sharing = 1 if device_type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks on one RAM
-    if problem := memory_problem(cfg, model_cfg, device_type, device_memory(device) // sharing, world_size):
+    available = device_memory(device) // sharing
+    if cfg.parallelism == "fsdp" or cfg.find_micro_batch:
+        return None, available, None
+    compiled = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size, device_type, compiled)
+    return need, available, memory_problem(cfg, model_cfg, device_type, available, world_size, compiled)
+
+
+def check_memory(cfg, model_cfg, device, world_size):
+    """Stop before the first step when the run cannot fit (run_memory), not an hour into it."""
+    if problem := run_memory(cfg, model_cfg, device, world_size)[2]:
         fail(problem)
 
 

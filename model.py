@@ -328,15 +328,18 @@ def attention_kernel(attn_impl, device_type, window=0, sinks=False, eager_infere
     return "flex" if device_type == "cuda" and (window or sinks) and not eager_inference else "sdpa"
 
 
-def kernel_saves_scores(kernel, device_type, window=0, sinks=False):
+def kernel_saves_scores(kernel, device_type, window=0, sinks=False, compiled=True):
     """Whether the kernel keeps a layer's (B, H, T, T) probabilities for backward, not just one logsumexp
-    per row as flash attention and FlexAttention do. The reference always does. SDPA does when its math
+    per row as flash attention and compiled FlexAttention do (uncompiled, FlexAttention runs a dense
+    reference that keeps them: torch warns so). The reference always does. SDPA does when its math
     kernel is left: for the sinks' float mask on every device, the CPU included (measured with
     MemTracker), and on GPUs for any mask: flash attention takes none, and whether the
     memory-efficient kernel takes one depends on GQA, dtype and the torch version, so the worst is assumed.
     The CPU's flash kernel takes a boolean (window) mask."""
     if kernel == "reference":
         return True
+    if kernel == "flex":
+        return not compiled
     return kernel == "sdpa" and (sinks or (bool(window) and device_type != "cpu"))
 
 
@@ -369,10 +372,10 @@ class CausalSelfAttention(nn.Module):
         return attention_kernel(self.attn_impl, device_type, self.effective_window(T), self.sinks is not None,
                                 eager_inference)
 
-    def saves_scores(self, device_type, T):
+    def saves_scores(self, device_type, T, compiled=True):
         """Whether that function keeps the layer's T × T probabilities for backward (estimate_memory)."""
         return kernel_saves_scores(self.kernel(device_type, T), device_type, self.effective_window(T),
-                                   self.sinks is not None)
+                                   self.sinks is not None, compiled)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -649,16 +652,17 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return [block.attn.kernel(device_type, T) for block in self.transformer.h]
 
-    def describe_attention(self, device_type, seq_len=None):
+    def describe_attention(self, device_type, seq_len=None, compiled=True):
         """One line for the log, e.g. "attention on cuda: flex on 6 layers (window 128 + sinks), flex on 6
-        layers (causal + sinks)"; a layer that keeps T × T scores for backward says so."""
+        layers (causal + sinks)"; a layer that keeps T × T scores for backward (in a compiled training step,
+        or not) says so."""
         T = seq_len or self.config.block_size
         groups = {}  # (kernel, what the layer does) -> layers
         for block in self.transformer.h:
             attn = block.attn
             window = attn.effective_window(T)
             what = (f"window {window}" if window else "causal") + (" + sinks" if attn.sinks is not None else "")
-            if attn.saves_scores(device_type, T):
+            if attn.saves_scores(device_type, T, compiled):
                 what += "; saves T×T scores for backward"
             key = (attn.kernel(device_type, T), what)
             groups[key] = groups.get(key, 0) + 1

@@ -28,14 +28,14 @@ import torch.distributed as dist
 import hellaswag
 import train_gpt2
 from data import list_shards, read_shard
-from distributed import (default_device, device_memory, estimate_memory, memory_problem, nvidia_driver, on_rank0,
-                         peak_flops_per_device, setup_distributed)
+from distributed import default_device, nvidia_driver, on_rank0, peak_flops_per_device, run_memory, setup_distributed
 from model import GPT
 from plot import plot_runs
 from runlog import hms, read_events
 
 STATUSES = ("PASS", "SKIP", "WARN", "FAIL")  # from best to worst
 WARN_BUS_GB_S = 50  # all-reduce bus bandwidth below this on GPUs: PCIe-class, or NCCL on the wrong interface
+REPEAT_FAIL = 0.9  # data for fewer steps than this share of max_steps FAILs; a little repetition only WARNs
 
 
 class Checks:
@@ -119,14 +119,14 @@ def forecast(cfg, step_s, val_s, hella_s, sample_s, plot_s, ckpt_s, startup_s):
 
 def check_environment(checks, cfg, model_cfg, world_size):
     """torch, the device, the GPUs' health, /dev/shm, the disk, the data, HellaSwag, memory. Returns (the
-    device, HellaSwag's number of examples), or None when the run cannot start."""
+    device or None, HellaSwag's number of examples, whether the run can start)."""
     checks.add("PASS", "torch", f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, "
                                 f"Python {sys.version.split()[0]}")
     try:
         device = default_device(cfg.device, world_size)
     except SystemExit as e:
         checks.add("FAIL", "device", str(e).removeprefix("error: "))
-        return None
+        return None, 0, False
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         count, name = torch.cuda.device_count(), torch.cuda.get_device_name()
@@ -144,15 +144,18 @@ def check_environment(checks, cfg, model_cfg, world_size):
             ": NCCL needs more between GPUs (docker run --ipc=host or --shm-size=16g)" if small else ""))
     except OSError:
         checks.add("SKIP", "/dev/shm", "not mounted")
-    check_disk(checks, cfg, model_cfg)
+    disk_ok = check_disk(checks, cfg, model_cfg) != "FAIL"
     data_ok = check_data(checks, cfg, world_size)
     examples = check_hellaswag(checks, cfg)
-    problem = memory_problem(cfg, model_cfg, device.split(":")[0], device_memory(device), world_size)
-    need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size, device.split(":")[0])
-    checks.add("FAIL" if problem else "PASS", "memory", problem or
-               f"micro batch {cfg.micro_batch_size} × {cfg.seq_len}: about {need / 2**30:.1f} GiB of "
-               f"{device_memory(device) / 2**30:.1f} (estimate_memory)")
-    return (device, examples) if data_ok and not problem and (examples or not cfg.hellaswag_every) else None
+    need, available, problem = run_memory(cfg, model_cfg, device, world_size)  # the check train_gpt2.py makes
+    if need is None:
+        checks.add("SKIP", "memory", "FSDP or --find_micro_batch: the estimate counts the model whole")
+    else:
+        checks.add("FAIL" if problem else "PASS", "memory", problem or
+                   f"micro batch {cfg.micro_batch_size} × {cfg.seq_len}: about {need / 2**30:.1f} GiB of "
+                   f"{available / 2**30:.1f} (estimate_memory)")
+    runnable = disk_ok and data_ok and not problem and (examples or not cfg.hellaswag_every)
+    return device, examples, runnable
 
 
 def check_gpu_health(checks):
@@ -194,11 +197,18 @@ def check_disk(checks, cfg, model_cfg):
     kept = cfg.keep_checkpoints or (cfg.max_steps // cfg.checkpoint_every + 1 if cfg.checkpoint_every else 1)
     need = size * (kept + 1)
     free = shutil.disk_usage(where).free
+    try:  # free space is no use if nothing can be written there (read-only, no permission)
+        os.remove(tempfile.mkstemp(prefix=".preflight-", dir=where)[1])
+    except OSError as e:
+        return checks.add("FAIL", "disk", f"cannot write in {where}: {e.strerror}; point --checkpoint_dir at a "
+                                          f"writable volume", gather=True)
     status = "FAIL" if free < size else "WARN" if free < need else "PASS"
-    checks.add(status, "disk", f"{free / 1e9:.1f} GB free in {where}; a checkpoint is about {size / 1e9:.2f} GB"
-               + {"PASS": "", "WARN": f": {kept} kept + 1 being written need {need / 1e9:.1f} GB (the run trains on "
-                                      f"when a save fails, but resumes from an older one)",
-                  "FAIL": ": not even one fits; point --checkpoint_dir at a bigger volume"}[status], gather=True)
+    return checks.add(status, "disk", f"{free / 1e9:.1f} GB free in {where}; a checkpoint is about "
+                      f"{size / 1e9:.2f} GB" + {
+                          "PASS": "", "WARN": f": {kept} kept + 1 being written need {need / 1e9:.1f} GB (the run "
+                                             f"trains on when a save fails, but resumes from an older one)",
+                          "FAIL": ": not even one fits; point --checkpoint_dir at a bigger volume"}[status],
+                      gather=True)
 
 
 def check_data(checks, cfg, world_size):
@@ -213,10 +223,14 @@ def check_data(checks, cfg, world_size):
     tokens = sum(len(t) for t in train)
     detail = (f"{len(train)} train shards, {tokens:,} tokens: {steps:,} steps of {cfg.total_batch_size:,}"
               + (f"; val {sum(len(t) for t in val):,} tokens" if val else ""))
-    if steps < cfg.max_steps:
-        checks.add("FAIL", "data", f"{detail}, fewer than --max_steps {cfg.max_steps} (the run would repeat its "
-                   f"data): tokenise more (python fineweb_edu.py --data_dir {cfg.data_dir}) or lower --max_steps")
+    if steps < REPEAT_FAIL * cfg.max_steps:
+        checks.add("FAIL", "data", f"{detail}, far fewer than --max_steps {cfg.max_steps} (the run would repeat "
+                   f"its data): tokenise more (python fineweb_edu.py --data_dir {cfg.data_dir}) or lower --max_steps")
         return False
+    if steps < cfg.max_steps:  # sample-10BT holds 18,722 steps of 2**19, short of the default 19,073
+        checks.add("WARN", "data", f"{detail}: the last {cfg.max_steps - steps:,} of --max_steps {cfg.max_steps:,} "
+                   f"repeat the first shards (as build-nanogpt's 10B run did)")
+        return True
     checks.add("PASS", "data", detail)
     return True
 
@@ -281,17 +295,23 @@ def check_chips(checks, cfg, model_cfg, device, world_size):
         checks.add(status, "matmul", detail)
     else:
         checks.add("SKIP", "matmul", "no GPU")
-    check_attention(checks, model_cfg, cfg.seq_len, device.split(":")[0])
+    check_attention(checks, model_cfg, cfg.seq_len, device.split(":")[0], compiled(cfg, device))
 
 
-def check_attention(checks, model_cfg, seq_len, device_type):
+def check_attention(checks, model_cfg, seq_len, device_type, compiled):
     """Which attention kernel each layer gets on this device; on GPUs, one that keeps T × T scores for
-    backward (a masked SDPA left its math kernel, or the reference) is a WARN."""
+    backward (a masked SDPA left its math kernel, uncompiled FlexAttention, the reference) is a WARN."""
     with torch.device("meta"):
         model = GPT(model_cfg)
-    saves = device_type == "cuda" and any(b.attn.saves_scores("cuda", seq_len) for b in model.transformer.h)
-    checks.add("WARN" if saves else "PASS", "attention", model.describe_attention(device_type, seq_len).removeprefix(
-        "attention ") + ("; --attn_impl auto sends those layers to FlexAttention" if saves else ""))
+    saves = device_type == "cuda" and any(b.attn.saves_scores("cuda", seq_len, compiled) for b in model.transformer.h)
+    checks.add("WARN" if saves else "PASS", "attention", model.describe_attention(
+        device_type, seq_len, compiled).removeprefix("attention ") + (
+        "; --attn_impl auto with --compile sends those layers to FlexAttention" if saves else ""))
+
+
+def compiled(cfg, device):
+    """Whether the run's training step is torch.compile'd (--compile; by default on CUDA)."""
+    return cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
 
 def sync(device):
@@ -302,7 +322,7 @@ def sync(device):
 # ---------------------------------------------------------------------------
 # the run itself
 
-def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, examples):
+def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, device, examples):
     """`steps` real steps of the configured run with an evaluation at the end and a checkpoint halfway, then
     a resume from that checkpoint to the same end: its losses must be the first run's. Returns the timings
     (HellaSwag's for all its `examples`). The runs' own output goes to the scratch folder."""
@@ -316,10 +336,7 @@ def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, examples
                     tensorboard=False, ema_snapshot_every=cfg.ema_snapshot_every and half)
     counters = compile_counters()
     t0 = time.perf_counter()
-    try:
-        quietly(train_gpt2.train, first, model_cfg, os.path.join(scratch, f"train_{rank}.out"))
-    except (SystemExit, Exception) as e:
-        checks.add("FAIL", "steps", f"the run failed: {' '.join(str(e).split())[:300]}")
+    if not train_quietly(checks, "steps", first, model_cfg, os.path.join(scratch, f"train_{rank}.out"), world_size):
         return None
     run_s = time.perf_counter() - t0
     graphs, breaks = (now - before for now, before in zip(compile_counters(), counters))
@@ -337,7 +354,7 @@ def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, examples
     mfu = f", MFU {m['mfu'] * 100:.1f}%" if m.get("mfu") else ""
     checks.add("PASS", "steps", f"{steps} steps in {run_s:.0f} s: {m['step_s'] * 1000:.0f} ms a step, "
                                 f"{cfg.total_batch_size / m['step_s']:,.0f} tokens/s{mfu}{memory}")
-    if cfg.compile or (cfg.compile is None and torch.cuda.is_available()):
+    if compiled(cfg, device):
         checks.add("WARN" if breaks else "PASS", "compile", f"{graphs} graphs, {breaks} graph breaks"
                    + (": a graph break costs speed every step (TORCH_LOGS=graph_breaks shows where)" if breaks else ""))
     else:
@@ -352,17 +369,17 @@ def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, examples
     resumed = replace(first, run_name="preflight-resume", resume=os.path.join(first.checkpoint_dir, f"step_{half:06d}"
                                                                                 + (".dcp" if cfg.parallelism == "fsdp" else ".pt")),
                       checkpoint_dir=os.path.join(scratch, "checkpoints", "preflight-resume"), val_every=0,
-                      hellaswag_every=0, sample_every=0, checkpoint_every=0, ema_snapshot_every=0, ema_stds="")
-    try:
-        quietly(train_gpt2.train, resumed, model_cfg, os.path.join(scratch, f"resume_{rank}.out"))
-    except (SystemExit, Exception) as e:
-        checks.add("FAIL", "resume", f"resuming from step {half} failed: {' '.join(str(e).split())[:300]}")
+                      hellaswag_every=0, sample_every=0, checkpoint_every=0)
+    if not train_quietly(checks, "resume", resumed, model_cfg, os.path.join(scratch, f"resume_{rank}.out"),
+                         world_size):
         return m
-    if rank == 0:
+
+    def largest_difference():  # between the resumed run's losses and the first run's, step by step
         again = {e["step"]: e["loss"] for e in read_events(os.path.join(first.log_dir, "preflight-resume"))
                  if e["event"] == "train"}
-        diff = max(abs(again[s] - m["losses"][s]) / abs(m["losses"][s]) for s in again)
-    diff = on_rank0(lambda: diff, rank, world_size)
+        return max(abs(again[s] - m["losses"][s]) / abs(m["losses"][s]) for s in again)
+
+    diff = on_rank0(largest_difference, rank, world_size)
     close = diff <= (1e-2 if torch.cuda.is_available() else 1e-6)  # GPUs: non-deterministic kernels
     checks.add("PASS" if close else "FAIL", "resume",
                f"from step {half}: steps {half}-{steps - 1} repeat the first run's losses within {diff:.1e}"
@@ -370,10 +387,29 @@ def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, examples
     return m
 
 
-def quietly(fn, cfg, model_cfg, out_path):
-    """fn(cfg, model_cfg) with its printed lines in out_path (warnings and errors still reach stderr)."""
-    with open(out_path, "w") as out, contextlib.redirect_stdout(out):
-        return fn(cfg, model_cfg)
+def train_quietly(checks, name, cfg, model_cfg, out_path, world_size):
+    """train_gpt2.train(cfg, model_cfg) with its printed lines in out_path (warnings and errors still reach
+    stderr); True if it ran to the end. A failure FAILs the check `name`; under torchrun the failing rank
+    says so and ends the job at once (torchrun then stops the others, which would otherwise wait in a
+    collective for the process group's 30-minute timeout). A stop signal ends preflight."""
+    try:
+        with open(out_path, "w") as out, contextlib.redirect_stdout(out):
+            result = train_gpt2.train(cfg, model_cfg)
+    except (SystemExit, Exception) as e:
+        message = f"the run failed: {' '.join(str(e).split())[:300]}"
+        if world_size > 1:
+            print(f"FAIL  {name:<12} {message} (rank {checks.rank}); stopping every rank", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+        checks.add("FAIL", name, message)
+        return False
+    if result.get("stopped"):
+        raise Stopped()
+    return True
+
+
+class Stopped(Exception):
+    """A signal (Ctrl-C, SIGTERM) stopped one of preflight's runs: preflight stops too."""
 
 
 def compile_counters():
@@ -407,10 +443,13 @@ def measure(events, examples):
 
 
 def make_scratch(cfg):
-    """A folder of preflight's own beside the run's checkpoint folder: on the disk the checkpoints go to."""
-    parent = os.path.dirname(os.path.abspath(cfg.checkpoint_dir or os.path.join("checkpoints", "run")))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".preflight-", dir=parent)
+    """A folder of preflight's own beside the run's checkpoint folder, on the disk the checkpoints go to.
+    One name per run: a preflight killed hard leaves it behind, and the next one clears it first."""
+    folder = os.path.abspath(cfg.checkpoint_dir or os.path.join("checkpoints", cfg.run_name or "run"))
+    scratch = os.path.join(os.path.dirname(folder), f".preflight-{os.path.basename(folder)}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    return scratch
 
 
 def check_forecast(checks, cfg, m, price_per_hour):
@@ -447,27 +486,32 @@ def main(argv=None):
     if rank == 0:
         print(f"preflight of {cfg.max_steps:,} steps of {cfg.total_batch_size:,} tokens on {world_size} "
               f"process{'es' * (world_size > 1)}", flush=True)
-    ready = check_environment(checks, cfg, model_cfg, world_size) if world_size == 1 else None
-    if world_size > 1:  # the checks need a process group to agree; the training runs reuse it
+    device, examples, runnable, stopped = None, 0, False, False
+    if world_size == 1:
+        device, examples, runnable = check_environment(checks, cfg, model_cfg, world_size)
+    else:  # the checks need a process group to agree; the training runs reuse it
         try:
             setup_distributed(cfg)
-        except SystemExit as e:
+        except SystemExit as e:  # this rank's exit ends the job (torchrun stops the others)
             checks.add("FAIL", "device", str(e).removeprefix("error: "))
         else:
-            ready = check_environment(checks, cfg, model_cfg, world_size)
-            ok = [ready is not None] * world_size
-            dist.all_gather_object(ok, ready is not None)
-            ready = ready if all(ok) else None
-    if ready is None:
+            device, examples, runnable = check_environment(checks, cfg, model_cfg, world_size)
+            every = [None] * world_size
+            dist.all_gather_object(every, (device is not None, runnable))
+            device = device if all(d for d, _ in every) else None
+            runnable = all(r for _, r in every)
+    if device is not None:
+        check_chips(checks, cfg, model_cfg, device, world_size)
+    if not runnable:
         checks.add("SKIP", "run", "not started: fix the FAILs above first")
     else:
-        device, examples = ready
-        check_chips(checks, cfg, model_cfg, device, world_size)
         scratch = on_rank0(lambda: make_scratch(cfg), rank, world_size)
         try:
-            m = check_run(checks, cfg, model_cfg, scratch, own.steps, world_size, rank, examples)
+            m = check_run(checks, cfg, model_cfg, scratch, own.steps, world_size, rank, device, examples)
             if m:
                 check_forecast(checks, cfg, m, own.price_per_hour)
+        except Stopped:
+            stopped = True
         finally:
             if world_size > 1:
                 dist.barrier()
@@ -477,10 +521,11 @@ def main(argv=None):
     if rank == 0:
         print(f"preflight: {checks.count('PASS')} PASS, {checks.count('WARN')} WARN, {failed} FAIL, "
               f"{checks.count('SKIP')} SKIP in {hms(time.time() - t0)}"
-              + ("" if failed else "; the node is ready: run train_gpt2.py with the same flags"), flush=True)
+              + ("; stopped by a signal before the end" if stopped else "" if failed else
+                 "; the node is ready: run train_gpt2.py with the same flags"), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 1 if failed else 0
+    return 130 if stopped else 1 if failed else 0
 
 
 if __name__ == "__main__":

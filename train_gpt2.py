@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 import hellaswag
-from checkpoint import (StopSignal, check_resume_settings, data_fingerprint, find_checkpoint, load_checkpoint,
-                        restore_training_state, save_training_state)
+from checkpoint import (StopSignal, check_resume_settings, checkpoint_volume, data_fingerprint, find_checkpoint,
+                        load_checkpoint, restore_training_state, save_training_state)
 from data import DataLoader, fail, gpt2_tokenizer
 from distributed import (all_reduce_sum, autocast_for, check_memory, node_of, on_each_node, on_rank0,
                          peak_flops_per_device, resolve_dtype, settle_micro_batch, setup_distributed, shard_model,
@@ -448,6 +448,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                      changed={k: list(v) for k, v in changes.items()})
     if cfg.wandb_project and not wandb_id:  # one W&B run id, kept in every checkpoint copy
         wandb_id = on_rank0(lambda: os.urandom(4).hex(), rank, world_size)
+    volume = checkpoint_volume(ckpt_dir) if writer else None  # the filesystem every save must still find
     if writer:  # snapshots past the start belong to a discarded future (a rewind, or a start over)
         for step, path in list_snapshots(ema_dir):
             if step > start_step:
@@ -486,7 +487,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
                  "loader": train_loader.state_dict(), "data": fingerprint, "evals": evals, "finished": finished,
                  "world_size": world_size, "ema": ema.state_dict() if ema else None, "wandb_id": wandb_id}
         path, problem = save_training_state(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, rank,
-                                            world_size, writer, fsdp)
+                                            world_size, writer, fsdp, volume)
         if problem:
             runlog.event("checkpoint_failed", step=step, error=problem)
             if last_chance:

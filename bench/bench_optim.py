@@ -50,7 +50,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5)
     args, rest = p.parse_known_args(argv)
     cfg, model_cfg = train_gpt2.parse_args(rest or PROXY)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = distributed.default_device(cfg.device)  # never a silent fallback to the CPU
     device_type = device.split(":")[0]
     ptdtype = distributed.resolve_dtype(cfg, device_type)
     autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()

@@ -121,7 +121,7 @@ def main():
     cfg, model_cfg = train_gpt2.parse_args(rest)
     if "--total_batch_size" not in " ".join(rest):
         cfg.total_batch_size = cfg.micro_batch_size * cfg.seq_len
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.default_device(cfg.device)  # never a silent fallback to the CPU
     cfg.device = device
     device_type = device.split(":")[0]
     cfg.compile = cfg.compile if cfg.compile is not None else device_type == "cuda"

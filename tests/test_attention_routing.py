@@ -252,3 +252,19 @@ def test_memory_estimate_counts_the_scores_attention_keeps(switches, device_type
         assert estimate - without_scores > 0.6 * estimate  # the new term dominates
     else:
         assert estimate == without_scores
+
+
+def test_uncompiled_flex_is_counted_as_keeping_its_scores():
+    """FlexAttention outside torch.compile runs a dense version that keeps the scores (torch warns so):
+    --no-compile on a GPU with windows or sinks is counted, and said, as such."""
+    from distributed import estimate_memory
+    from train_gpt2 import parse_args
+
+    assert kernel_saves_scores("flex", "cuda", 128, True, compiled=False)
+    assert not kernel_saves_scores("flex", "cuda", 128, True, compiled=True)
+    _, cfg = parse_args(["--preset", "gpt-oss"])
+    extra = estimate_memory(cfg, 8, 1024, compiled=False) - estimate_memory(cfg, 8, 1024, compiled=True)
+    assert extra == (12 * 4 + 8) * 8 * 12 * 1024 * 1025  # every layer's fp32 scores, and one layer's gradient
+    with torch.device("meta"):
+        line = GPT(cfg).describe_attention("cuda", 1024, compiled=False)
+    assert line.count("saves T×T scores for backward") == 2  # both groups of layers

@@ -149,3 +149,24 @@ def test_a_real_full_disk(small_shards, tmp_path):
         assert "resumed from" in out.stdout and "step_000002.pt at step 2" in out.stdout
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_a_vanished_volume_is_not_recreated_on_the_disk_below(monkeypatch, small_shards, tmp_path):
+    """The checkpoint folder's volume goes away mid-run (here: the folder moves away, as an unmount leaves
+    an empty mount point): saves fail with the reason instead of recreating the folder, and so the
+    checkpoints, on whatever disk lies below."""
+    ckpt_dir = tmp_path / "ckpt" / "gone"
+    real = checkpoint.save_checkpoint
+
+    def unmounted_before_step_4(folder, state, keep, volume=None):
+        if state["step"] == 4:
+            os.rename(folder, str(folder) + ".unmounted")
+        return real(folder, state, keep, volume)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", unmounted_before_step_4)
+    with pytest.raises(SystemExit) as e:  # step 4's save fails, and so does the final one at step 6
+        run_inprocess(tiny_args(tmp_path, small_shards, "gone", "--max_steps", "6", "--checkpoint_every", "2"))
+    assert "the folder is gone or on another filesystem now (was its volume unmounted?)" in str(e.value)
+    assert [ev["step"] for ev in events(tmp_path / "logs" / "gone", "checkpoint_failed")] == [4, 6]
+    assert not ckpt_dir.exists()  # nothing written where the volume was
+    assert sorted(os.listdir(str(ckpt_dir) + ".unmounted")) == ["latest", "step_000002.json", "step_000002.pt"]

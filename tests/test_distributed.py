@@ -42,6 +42,14 @@ def test_no_silent_cpu_fallback(monkeypatch):
         choose_device("cuda", 1, False, False, None)
     assert "CUDA 12.8 needs driver >= 570" in cuda_unusable(("535.1", []), "12.8")
     assert "CPU-only build" in cuda_unusable(("535.1", []), None)
+    # a driver new enough for torch's CUDA: something else hides the GPU, and the line says what to check
+    new = cuda_unusable(("580.95.05", ["NVIDIA H100 80GB HBM3"] * 8), "13.2", visible="5")
+    assert "though the driver is new enough" in new and "CUDA_VISIBLE_DEVICES (5)" in new
+    assert "nvidia-fabricmanager" in new and "Update the driver" not in new and "--device cpu" in new
+    with pytest.raises(SystemExit, match="--device gpu: choose auto, cuda, cuda:N, mps or cpu"):
+        choose_device("gpu", 1, True, False, None)
+    with pytest.raises(SystemExit, match="--device cuda:0 under torchrun would put every rank on one GPU"):
+        choose_device("cuda:0", 8, True, False, None)
 
 
 def test_training_stops_when_the_gpu_is_unusable(monkeypatch, small_shards, tmp_path):
@@ -78,8 +86,12 @@ def test_process_group_options(monkeypatch):
     assert distributed.PROCESS_GROUP_TIMEOUT > datetime.timedelta(minutes=10)  # NCCL's default
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     distributed.setup_distributed(TrainConfig(device="auto"))
     assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # 2 processes on a 1-GPU machine
+    with pytest.raises(SystemExit, match="cuda:1: this machine has 1 GPU.*--nproc-per-node"):
+        distributed.setup_distributed(TrainConfig(device="auto"))
 
 
 # what torch.cuda.get_device_name() says on each part -> its dense bf16 peak (NVIDIA's datasheets)

@@ -52,7 +52,8 @@ def run_preflight(capsys, *argv):
 
 def test_preflight_end_to_end_on_cpu(shard_dir, tmp_path, hellaswag_file, capsys):
     code, stdout = run_preflight(capsys, *args_for(tmp_path, shard_dir, "--hellaswag_every", "50", "--hellaswag_file",
-                                                   hellaswag_file), "--steps", "4", "--price_per_hour", "30")
+                                                   hellaswag_file, "--ema_stds", "0.05", "--ema_snapshot_every", "5"),
+                                 "--steps", "4", "--price_per_hour", "30")
     assert code == 0
     checks = lines(stdout)
     assert list(checks) == CHECKS, stdout
@@ -178,3 +179,41 @@ def test_gpu_health_reads_nvml(monkeypatch):
     preflight.check_gpu_health(checks)
     assert checks.lines == [("WARN", "gpu health", "SM clock 1410/1980 MHz, 71 °C, 0 uncorrected ECC errors: "
                                                    "throttled (NVML reasons 0x4: power, heat or a slowdown)")]
+
+
+def test_a_little_repetition_warns_a_lot_fails(small_shards):
+    # small_shards' train shards hold 13 steps of 256 tokens
+    def status(max_steps):
+        cfg, _ = parse_args([*TINY, "--data_dir", small_shards, "--max_steps", str(max_steps)])
+        checks = preflight.Checks(rank=1, world_size=1)
+        ok = preflight.check_data(checks, cfg, 1)
+        return ok, checks.lines[0][0], checks.lines[0][2]
+
+    assert status(13)[:2] == (True, "PASS")
+    ok, s, detail = status(14)  # as sample-10BT's 18,722 steps against the default 19,073
+    assert (ok, s) == (True, "WARN") and "the last 1 of --max_steps 14 repeat the first shards" in detail
+    assert status(15)[:2] == (False, "FAIL")  # 13 < 0.9 × 15
+
+
+def test_an_unwritable_checkpoint_volume_fails_the_disk_check(monkeypatch, tmp_path):
+    cfg, model_cfg = parse_args([*TINY, "--checkpoint_dir", str(tmp_path / "c")])
+
+    def read_only(**kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", read_only)
+    checks = preflight.Checks(rank=1, world_size=1)
+    assert preflight.check_disk(checks, cfg, model_cfg) == "FAIL"
+    assert checks.lines[0][2] == f"cannot write in {tmp_path}: Read-only file system; point --checkpoint_dir at a " \
+                                 f"writable volume"
+
+
+def test_a_stop_signal_ends_preflight(monkeypatch, shard_dir, tmp_path, capsys):
+    """Ctrl-C during preflight's run (train_gpt2 stops gracefully): preflight stops too, exit 130, and its
+    scratch folder is gone."""
+    import train_gpt2
+
+    monkeypatch.setattr(train_gpt2, "train", lambda cfg, model_cfg: {"stopped": True})
+    code, stdout = run_preflight(capsys, *args_for(tmp_path, shard_dir), "--steps", "2")
+    assert code == 130 and "stopped by a signal before the end" in stdout and "steps" not in lines(stdout)
+    assert os.listdir(tmp_path / "ckpt") == []

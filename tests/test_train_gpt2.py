@@ -90,6 +90,7 @@ def test_cuda_device_gets_an_index(monkeypatch):
     # torch.cuda.set_device("cuda") raises: a single-GPU run must name cuda:0 (checked without a GPU)
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
     rank, local_rank, world_size, device = distributed.setup_distributed(TrainConfig())
     assert (rank, world_size, device, calls) == (0, 1, "cuda:0", ["cuda:0"])
