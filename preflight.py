@@ -227,7 +227,7 @@ def check_data(checks, cfg, world_size):
         checks.add("FAIL", "data", f"{detail}, far fewer than --max_steps {cfg.max_steps} (the run would repeat "
                    f"its data): tokenise more (python fineweb_edu.py --data_dir {cfg.data_dir}) or lower --max_steps")
         return False
-    if steps < cfg.max_steps:  # sample-10BT holds 18,722 steps of 2**19, short of the default 19,073
+    if steps < cfg.max_steps:  # sample-10BT's ~9.9B tokens: ~18,900 steps of 2**19, short of the default 19,073
         checks.add("WARN", "data", f"{detail}: the last {cfg.max_steps - steps:,} of --max_steps {cfg.max_steps:,} "
                    f"repeat the first shards (as build-nanogpt's 10B run did)")
         return True

@@ -190,7 +190,7 @@ def test_a_little_repetition_warns_a_lot_fails(small_shards):
         return ok, checks.lines[0][0], checks.lines[0][2]
 
     assert status(13)[:2] == (True, "PASS")
-    ok, s, detail = status(14)  # as sample-10BT's 18,722 steps against the default 19,073
+    ok, s, detail = status(14)  # as sample-10BT's ~18,900 steps against the default 19,073
     assert (ok, s) == (True, "WARN") and "the last 1 of --max_steps 14 repeat the first shards" in detail
     assert status(15)[:2] == (False, "FAIL")  # 13 < 0.9 × 15
 
