@@ -32,7 +32,7 @@ from optim import build_optimizer
 PEAK_FLOPS = {
     "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,  # the SXM part is "NVIDIA H100 80GB HBM3"
     "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12,
-    "H800 PCIe": 756e12, "H800": 989e12, "H20": 148e12,
+    "H800 PCIe": 756e12, "H800": 989e12, "H20": 148e12,  # H800 PCIe: taken as H100 PCIe's (same die), unverified
     "B200": 2250e12, "A100": 312e12, "A800": 312e12,
     "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12,
 }
