@@ -489,8 +489,7 @@ def load_model(spec, device):
     "model_config", the GPTConfig fields), an FSDP checkpoint (step_NNNNNN.dcp/) or a checkpoint folder
     whose `latest` file names one."""
     if os.path.isfile(os.path.join(spec, "latest")):
-        with open(os.path.join(spec, "latest")) as f:
-            spec = os.path.join(spec, f.read().strip())
+        spec = latest_checkpoint(spec)
     if spec in HF_MODEL_NAMES or os.path.isfile(os.path.join(spec, "config.json")):
         model = GPT.from_pretrained(spec)
     elif os.path.isfile(spec) or os.path.isfile(os.path.join(spec, "train_state.pt")):  # a file, or FSDP's folder

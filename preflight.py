@@ -364,6 +364,9 @@ def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, device, 
              f"{m['hella_full_s']:.1f} s)" if cfg.hellaswag_every else "",
              f"samples {m['sample_s']:.1f} s" if cfg.sample_every else ""]
     checks.add("PASS" if any(parts) else "SKIP", "evaluation", ", ".join(p for p in parts if p) or "all off")
+    if m["ckpt_error"]:  # the save at half failed (the run trained on): no resume to check either
+        checks.add("FAIL", "checkpoint", m["ckpt_error"])
+        return None
     checks.add("PASS", "checkpoint", f"{m['ckpt_s']:.1f} s to save one")
 
     resumed = replace(first, run_name="preflight-resume", resume=os.path.join(first.checkpoint_dir, f"step_{half:06d}"
@@ -438,7 +441,9 @@ def measure(events, examples):
     m["hella_s"], hella = took.get("hella", (0.0, {"n": 1}))
     m["hella_n"] = hella["n"]
     m["hella_full_s"] = m["hella_s"] / hella["n"] * examples
-    m["ckpt_s"] = next(e["time"] - b["time"] for b, e in zip(events, events[1:]) if e["event"] == "checkpoint")
+    saves = [(e, e["time"] - b["time"]) for b, e in zip(events, events[1:]) if e["event"].startswith("checkpoint")]
+    m["ckpt_s"] = saves[0][1] if saves else 0.0
+    m["ckpt_error"] = saves[0][0].get("error") if saves else "no checkpoint was saved"  # None: it was
     return m
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import preflight
 from conftest import make_hellaswag_examples, run_script
-from test_train_gpt2 import TINY, torchrun
+from test_train_gpt2 import TINY
 from train_gpt2 import parse_args
 
 CHECKS = ["torch", "device", "/dev/shm", "disk", "data", "hellaswag", "memory", "all-reduce", "matmul", "attention",
@@ -217,3 +217,21 @@ def test_a_stop_signal_ends_preflight(monkeypatch, shard_dir, tmp_path, capsys):
     code, stdout = run_preflight(capsys, *args_for(tmp_path, shard_dir), "--steps", "2")
     assert code == 130 and "stopped by a signal before the end" in stdout and "steps" not in lines(stdout)
     assert os.listdir(tmp_path / "ckpt") == []
+
+
+def test_a_failed_save_in_preflights_run_fails_the_checkpoint_check(monkeypatch, shard_dir, tmp_path, capsys):
+    import errno
+
+    import checkpoint
+
+    real = checkpoint.save_checkpoint
+
+    def no_room_halfway(folder, state, keep, volume=None):  # the save halfway fails, the final one works
+        if state["step"] == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(folder, state, keep, volume)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", no_room_halfway)
+    code, stdout = run_preflight(capsys, *args_for(tmp_path, shard_dir), "--steps", "2")
+    status, detail = lines(stdout)["checkpoint"]
+    assert code == 1 and status == "FAIL" and "No space left on device" in detail and "resume" not in lines(stdout)
