@@ -5,7 +5,6 @@ file writes, and the one-line error for bad input.
 
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 

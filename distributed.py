@@ -164,6 +164,11 @@ def resolve_dtype(cfg, device_type):
     return torch.float32  # CPU and MPS autocast are slower or less complete than plain fp32
 
 
+def use_compile(cfg, device_type):
+    """Whether the training step is torch.compile'd: --compile / --no-compile, by default on CUDA only."""
+    return cfg.compile if cfg.compile is not None else device_type == "cuda"
+
+
 def autocast_for(device_type, ptdtype):
     """The context the forward passes run in: autocast to bf16/fp16, or nothing for fp32."""
     return torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
@@ -346,7 +351,7 @@ def run_memory(cfg, model_cfg, device, world_size):
     available = device_memory(device) // sharing
     if cfg.parallelism == "fsdp" or cfg.find_micro_batch:
         return None, available, None
-    compiled = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    compiled = use_compile(cfg, device_type)
     need = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.seq_len, world_size, device_type, compiled)
     return need, available, memory_problem(cfg, model_cfg, device_type, available, world_size, compiled)
 

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import hellaswag
 import train_gpt2
 from data import list_shards, read_shard
-from distributed import default_device, nvidia_driver, on_rank0, peak_flops_per_device, run_memory, setup_distributed
+from distributed import (default_device, nvidia_driver, on_rank0, peak_flops_per_device, run_memory, setup_distributed,
+                         use_compile)
 from model import GPT
 from plot import plot_runs
 from runlog import hms, read_events
@@ -95,8 +96,8 @@ def bus_bandwidth(nbytes, seconds, world_size):
 
 
 def event_count(every, max_steps):
-    """How many times an event with this cadence happens in a run (every N steps from 0, and at the end)."""
-    return 0 if not every else max_steps // every + 1 + (max_steps % every != 0)
+    """How many times an event with this cadence happens in a run: the training loop's own rule (due)."""
+    return sum(train_gpt2.due(every, step, step == max_steps) for step in range(max_steps + 1))
 
 
 def forecast(cfg, step_s, val_s, hella_s, sample_s, plot_s, ckpt_s, startup_s):
@@ -105,8 +106,8 @@ def forecast(cfg, step_s, val_s, hella_s, sample_s, plot_s, ckpt_s, startup_s):
     saves = (cfg.max_steps - 1) // cfg.checkpoint_every + 1 if cfg.checkpoint_every else 1
     if cfg.checkpoint_every_minutes:
         saves += int(train // (60 * cfg.checkpoint_every_minutes))
-    plots = len({s for every in (cfg.val_every, cfg.hellaswag_every) if every
-                 for s in [*range(0, cfg.max_steps + 1, every), cfg.max_steps]})  # after a val or a HellaSwag
+    plots = sum(train_gpt2.due(cfg.val_every, s, s == cfg.max_steps)  # drawn after a val or a HellaSwag
+                or train_gpt2.due(cfg.hellaswag_every, s, s == cfg.max_steps) for s in range(cfg.max_steps + 1))
     parts = {"training": train, "val": event_count(cfg.val_every, cfg.max_steps) * val_s,
              "hellaswag": event_count(cfg.hellaswag_every, cfg.max_steps) * hella_s,
              "samples": event_count(cfg.sample_every, cfg.max_steps) * sample_s, "plots": plots * plot_s,
@@ -295,7 +296,7 @@ def check_chips(checks, cfg, model_cfg, device, world_size):
         checks.add(status, "matmul", detail)
     else:
         checks.add("SKIP", "matmul", "no GPU")
-    check_attention(checks, model_cfg, cfg.seq_len, device.split(":")[0], compiled(cfg, device))
+    check_attention(checks, model_cfg, cfg.seq_len, device.split(":")[0], use_compile(cfg, device.split(":")[0]))
 
 
 def check_attention(checks, model_cfg, seq_len, device_type, compiled):
@@ -307,11 +308,6 @@ def check_attention(checks, model_cfg, seq_len, device_type, compiled):
     checks.add("WARN" if saves else "PASS", "attention", model.describe_attention(
         device_type, seq_len, compiled).removeprefix("attention ") + (
         "; --attn_impl auto with --compile sends those layers to FlexAttention" if saves else ""))
-
-
-def compiled(cfg, device):
-    """Whether the run's training step is torch.compile'd (--compile; by default on CUDA)."""
-    return cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
 
 def sync(device):
@@ -354,7 +350,7 @@ def check_run(checks, cfg, model_cfg, scratch, steps, world_size, rank, device, 
     mfu = f", MFU {m['mfu'] * 100:.1f}%" if m.get("mfu") else ""
     checks.add("PASS", "steps", f"{steps} steps in {run_s:.0f} s: {m['step_s'] * 1000:.0f} ms a step, "
                                 f"{cfg.total_batch_size / m['step_s']:,.0f} tokens/s{mfu}{memory}")
-    if compiled(cfg, device):
+    if use_compile(cfg, device.split(":")[0]):
         checks.add("WARN" if breaks else "PASS", "compile", f"{graphs} graphs, {breaks} graph breaks"
                    + (": a graph break costs speed every step (TORCH_LOGS=graph_breaks shows where)" if breaks else ""))
     else:

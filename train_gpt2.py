@@ -38,7 +38,7 @@ from checkpoint import (StopSignal, check_resume_settings, checkpoint_volume, da
 from data import DataLoader, fail, gpt2_tokenizer
 from distributed import (all_reduce_sum, autocast_for, check_memory, node_of, on_each_node, on_rank0,
                          peak_flops_per_device, resolve_dtype, settle_micro_batch, setup_distributed, shard_model,
-                         unwrap_ddp, wrap_ddp)
+                         unwrap_ddp, use_compile, wrap_ddp)
 from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
 from model import GPT, GPTConfig
 from optim import MATRIX_KINDS, build_optimizer, describe
@@ -406,7 +406,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     ema_stds = check_settings(cfg, model_cfg)
     ptdtype = resolve_dtype(cfg, device_type)
     autocast = autocast_for(device_type, ptdtype)
-    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    compiled = use_compile(cfg, device_type)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (no effect on CPU)
     fsdp = cfg.parallelism == "fsdp"
     check_memory(cfg, model_cfg, device, world_size)
@@ -454,7 +454,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             if step > start_step:
                 os.remove(path)
 
-    model = torch.compile(raw_model) if use_compile else raw_model
+    model = torch.compile(raw_model) if compiled else raw_model
     if world_size > 1 and not fsdp:
         model = wrap_ddp(model, local_rank, device_type)
     hella_examples = load_hellaswag(cfg, rank, local_rank, world_size) if cfg.hellaswag_every else None
@@ -466,11 +466,11 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     num_params, active = raw_model.num_params(non_embedding=False), raw_model.num_params(non_embedding=False, active=True)
     runlog.start(cfg, model_cfg, start_step, wandb_id, run_name=run_name,
                  device=torch.cuda.get_device_name() if device_type == "cuda" else device, world_size=world_size,
-                 dtype=str(ptdtype).removeprefix("torch."), compile=use_compile, grad_accum_steps=accum,
+                 dtype=str(ptdtype).removeprefix("torch."), compile=compiled, grad_accum_steps=accum,
                  argv=sys.argv, num_params=num_params, active_params=active, resumed_from=ckpt_path)
     log(f"run {run_name}: {num_params / 1e6:.2f}M parameters"
         + (f" ({active / 1e6:.2f}M active per token)" if model_cfg.moe_experts else "") + f", device {device}"
-        f" × {world_size}, dtype {str(ptdtype).removeprefix('torch.')}, compile {use_compile}")
+        f" × {world_size}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compiled}")
     log(f"batch {cfg.total_batch_size} tokens = {cfg.micro_batch_size} × {cfg.seq_len} × {world_size} ranks"
         f" × {accum} accumulation steps; logs in {run_dir}, checkpoints in {ckpt_dir}")
     log(raw_model.describe_attention(device_type, cfg.seq_len))

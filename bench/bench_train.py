@@ -124,7 +124,7 @@ def main():
     device = distributed.default_device(cfg.device)  # never a silent fallback to the CPU
     cfg.device = device
     device_type = device.split(":")[0]
-    cfg.compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    cfg.compile = distributed.use_compile(cfg, device_type)
     ptdtype = distributed.resolve_dtype(cfg, device_type)
     torch.set_float32_matmul_precision("high")
     tokens = cfg.total_batch_size
