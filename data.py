@@ -283,3 +283,31 @@ class DataLoader:
                 self._next_shard()
                 self._load()
         return x, y
+
+
+class Prefetcher:
+    """A DataLoader's batches already on the device: each is fetched (and on CUDA copied from pinned memory,
+    asynchronously) when the one before it is handed out, so the copy overlaps the step that is computing,
+    and a step's first batch is on its way before the previous step's closing sync. The same batches in the
+    same order as the loader; state_dict is the position of the batch it holds, the next to train on."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+        self.held = self._fetch()
+
+    def _fetch(self):
+        # between optimizer steps the loader can say where it is: that is where a resumed run reads on
+        self.position = self.loader.state_dict() if self.loader.micro == 0 else None
+        x, y = self.loader.next_batch()
+        if self.device.startswith("cuda"):  # from pageable memory a "non-blocking" copy waits for the GPU
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def next_batch(self):
+        batch, self.held = self.held, self._fetch()
+        return batch
+
+    def state_dict(self):
+        assert self.position is not None, "the data position is saved between optimizer steps"
+        return self.position
+

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import fail
-from model import GPT
+from model import GPT, loss_chunk_rows
 from optim import build_optimizer
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's datasheets (half their "with sparsity" figures;
@@ -169,6 +169,29 @@ def use_compile(cfg, device_type):
     return cfg.compile if cfg.compile is not None else device_type == "cuda"
 
 
+def sdpa_priority(device_type, capability, cudnn_attention):
+    """The order SDPA tries its kernels in, or None for torch's own (flash, memory-efficient, math, cuDNN).
+    On Hopper and newer (compute capability 9.0+) cuDNN's attention is first: it is faster there than
+    SDPA's flash kernel, which is FlashAttention-2 (torch 2.5 made it the default on H100 and 2.5.1 took
+    that back over bugs since fixed). --no-cudnn_attention keeps torch's order; where cuDNN cannot take a
+    call (a mask, a head size) SDPA goes on down the list."""
+    from torch.nn.attention import SDPBackend
+
+    if device_type != "cuda" or not cudnn_attention or capability < (9, 0):
+        return None
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_order(cfg, device):
+    """The context the run's SDPA calls go through: sdpa_priority for this device, or nothing."""
+    from torch.nn.attention import sdpa_kernel
+
+    cuda = device.startswith("cuda")
+    order = sdpa_priority(device.split(":")[0], torch.cuda.get_device_capability(device) if cuda else (0, 0),
+                          cfg.cudnn_attention)
+    return sdpa_kernel(order, set_priority=True) if order else nullcontext()
+
+
 def autocast_for(device_type, ptdtype):
     """The context the forward passes run in: autocast to bf16/fp16, or nothing for fp32."""
     return torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
@@ -268,13 +291,9 @@ def wrap_ddp(model, local_rank, device_type):
     # rank 0's buffers once at start-up: harmless, they are equal then
     buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else {"broadcast_buffers": False}
-    return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **buffers)
-
-
-def unwrap_ddp(model):
-    """Val batches have the training shape, so the compiled module (without the DDP wrapper) serves
-    them with no recompile; DDP's forward would only add gradient-sync bookkeeping."""
-    return model.module if isinstance(model, DDP) else model
+    # gradient_as_bucket_view: the gradients live in the all-reduce buckets, not copied into them each step
+    return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True,
+               **buffers)
 
 
 # ---------------------------------------------------------------------------
@@ -284,7 +303,7 @@ def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_t
     """Bytes of GPU memory one rank needs to train (DDP, AdamW, bf16 autocast, no recompute), estimated:
     16 per parameter for fp32 weights, grads and AdamW's two moments, 2 for autocast's bf16 weight copies,
     4 for DDP's gradient buckets (more than one rank); per layer 42 per token per n_embd of activations
-    saved for backward, and 14 per logit (bf16 logits, fp32 loss, their grad). Attention that keeps its
+    saved for backward, and the loss's (loss_memory). Attention that keeps its
     T × T probabilities for backward (model.kernel_saves_scores: the reference, and SDPA where a masked
     layer falls back to its math kernel on device_type; flash and FlexAttention keep a logsumexp per row)
     adds per score of each such layer 4 bytes for SDPA (fp32) and 6 for the reference (fp32 and a bf16
@@ -306,7 +325,16 @@ def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_t
             if attn.saves_scores(device_type, seq_len, compiled)]
     attention = (sum(saved for saved, _ in kept) + max((brief for _, brief in kept), default=0)) * scores
     return per_param * params + 42 * tokens * model_cfg.n_embd * model_cfg.n_layer \
-        + 14 * tokens * model_cfg.padded_vocab_size + attention
+        + loss_memory(model_cfg, tokens) + attention
+
+
+def loss_memory(model_cfg, tokens):
+    """Bytes the output layer and loss hold (model.linear_cross_entropy): 10 per logit of one chunk alive
+    at a time (bf16 logits, the fp32 copy the CPU's log_softmax makes, fp32 log-probabilities), the fp32 gradients of the features and of the output matrix, kept from the forward
+    for the backward, and autocast's bf16 copy of that matrix in the loss's matmuls (measured with
+    MemTracker, like estimate_memory)."""
+    V, C = model_cfg.padded_vocab_size, model_cfg.n_embd
+    return 10 * loss_chunk_rows(tokens, V) * V + 4 * tokens * C + 6 * V * C
 
 
 def device_memory(device):
@@ -377,9 +405,10 @@ def largest_fitting(candidates, fits):
 
 def find_micro_batch(cfg, model_cfg, device, world_size):
     """The largest micro batch that trains on this device: a divisor of the tokens each rank handles per
-    step, searched with two real training steps each (model, optimizer, autocast; eager, which needs more
-    memory than compiled: a safe side), with DDP's gradient buckets and 5% of the GPU (for NCCL and the
-    evaluations) held back. Every rank searches its own GPU; they settle on the smallest answer."""
+    step, searched with two real training steps each of the model as the run will train it (optimizer,
+    autocast, torch.compile'd where the run is: eager needs more memory, and would pick too small), with
+    DDP's gradient buckets and 5% of the GPU (for NCCL and the evaluations) held back. Every rank searches
+    its own GPU; they settle on the smallest answer."""
     if cfg.total_batch_size % (cfg.seq_len * world_size):
         fail(f"total_batch_size {cfg.total_batch_size} is not a multiple of seq_len·world_size = "
              f"{cfg.seq_len}·{world_size}; change --total_batch_size")
@@ -387,6 +416,7 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
     candidates = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
     device_type = device.split(":")[0]
     autocast = autocast_for(device_type, resolve_dtype(cfg, device_type))
+    compiled = use_compile(cfg, device_type)
 
     headroom = torch.cuda.get_device_properties(device).total_memory // 20 if device_type == "cuda" else 0
 
@@ -398,9 +428,10 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
             buckets = 4 * model.num_params(non_embedding=False) if world_size > 1 else 0
             reserve = torch.empty(buckets + headroom, dtype=torch.uint8, device=device)
             x = torch.randint(0, model_cfg.vocab_size, (micro_batch, cfg.seq_len), device=device)
+            step_model = torch.compile(model) if compiled else model
             for _ in range(2):  # the second step has the optimizer's state
                 with autocast:
-                    _, loss = model(x, x)
+                    _, loss = step_model(x, x)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -409,6 +440,8 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
             return False
         finally:
             del model, optimizer, reserve, x, loss  # and the autograd graph an error left behind
+            if compiled:
+                torch._dynamo.reset()  # the compiled graphs hold on to this model's tensors
             gc.collect()
             if device_type == "cuda":
                 torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ build-nanogpt reports acc_norm 0.2955 for OpenAI's GPT-2 124M on the 10042 valid
 """
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -96,6 +97,17 @@ def render(example, enc, block_size):
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def _rendered(ctx, endings, block_size):
+    return render({"ctx": ctx, "endings": endings}, gpt2_tokenizer(), block_size)
+
+
+def rendered(example, block_size):
+    """render(example) with GPT-2's tokenizer, tokenised once per process: training evaluates the same
+    10,042 examples every few hundred steps."""
+    return _rendered(example["ctx"], tuple(example["endings"]), block_size)
+
+
 # ---------------------------------------------------------------------------
 # Scoring: both functions return (sum_loss, n_tokens), float32 and int64 CPU tensors of shape (N, 4):
 # the summed cross-entropy of each ending's tokens and how many tokens that is.
@@ -129,8 +141,7 @@ def ending_losses(model, examples, *, device, batch_size=16, autocast_dtype=None
     """Like reference_losses, but batched: 4·batch_size rows (the endings of batch_size examples)
     per forward, right-padded to the longest. Attention is causal, so the padding after a row's
     tokens never changes their logits, and the padding itself is not scored."""
-    enc = gpt2_tokenizer()
-    rows = [row for example in examples for row in render(example, enc, model.config.block_size)]
+    rows = [row for example in examples for row in rendered(example, model.config.block_size)]
     n_tokens = torch.tensor([n for _, n in rows], dtype=torch.long)
     sum_loss = torch.zeros(len(rows), device=device)
     # rows of similar length share a batch, so a batch is mostly tokens rather than padding

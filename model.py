@@ -517,6 +517,76 @@ class Block(nn.Module):
 
 # Hugging Face stores these as Conv1D, i.e. (in_features, out_features): transpose on import/export.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# ---------------------------------------------------------------------------
+# the loss: cross-entropy straight from the hidden states, a chunk of rows at a time
+
+# a chunk's fp32 logits stay under this many bytes (1,024 rows of GPT-2's vocabulary); Liger-Kernel's
+# fused linear cross-entropy picks chunks of about this size too
+LOSS_CHUNK_BYTES = 256 * 2**20
+
+
+def loss_chunk_rows(rows, vocab):
+    """Rows per chunk: a power of two whose fp32 logits fit LOSS_CHUNK_BYTES (all rows, if they do)."""
+    fit = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+    return min(rows, 2 ** int(math.log2(fit)))
+
+
+def chunked_cross_entropy(x, w, targets, vocab_size, grads):
+    """(loss summed over the rows whose target is not -1, their count, and if grads the gradients of that
+    sum's mean with respect to x (N, C) and w (V, C)), where logits = x·wᵀ over the first vocab_size of the
+    V columns. A chunk's logits live only inside its loop turn: the (N, V) fp32 logits and their gradient,
+    many GiB at GPT-2's batch, never exist at once. Padded columns get -inf: they never take probability,
+    and the loss reads a contiguous tensor (a slice [:, :vocab_size] of it is much slower on CPU)."""
+    count = (targets != -1).sum()
+    total = torch.zeros((), device=x.device)
+    grad_x = torch.empty_like(x) if grads else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
+    step = loss_chunk_rows(x.size(0), w.size(0))
+    for i in range(0, x.size(0), step):
+        xc, tc = x[i:i + step], targets[i:i + step]
+        z = xc @ w.t()  # (rows, V), in bf16 under autocast
+        z[:, vocab_size:] = float("-inf")
+        # in fp32, and more exact than logsumexp(z) − z[target] when the loss is near 0
+        logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+        del z
+        valid, tc = tc != -1, tc.clamp(min=0)
+        total = total - (logp.gather(1, tc[:, None]).squeeze(1) * valid).sum()
+        if grads:  # d(mean loss)/d(logits) = (softmax − one-hot) / count, in place of the log-probabilities
+            p = logp.exp_()
+            p[torch.arange(len(tc), device=p.device), tc] -= 1
+            p.mul_((valid / count.clamp(min=1))[:, None])
+            grad_x[i:i + step] = p.to(w.dtype) @ w
+            grad_w += p.t().to(xc.dtype) @ xc
+    return total, count, grad_x, grad_w
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x·wᵀ against targets (-1: ignored) whose backward costs no recompute: the
+    gradients are found chunk by chunk in the forward (as Liger-Kernel's fused linear cross-entropy does)
+    and kept, the size of x and w, for backward to scale. The same FLOPs as nn.Linear + F.cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, vocab_size):
+        total, count, grad_x, grad_w = chunked_cross_entropy(x, w, targets, vocab_size, grads=True)
+        ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+def linear_cross_entropy(x, w, targets, vocab_size):
+    """F.cross_entropy(F.linear(x, w)[..., :vocab_size] in fp32, targets, ignore_index=-1), without the
+    logits: x (..., C), w (V, C), targets (...)."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return LinearCrossEntropy.apply(x, w, targets, vocab_size)
+    total, count, _, _ = chunked_cross_entropy(x, w, targets, vocab_size, grads=False)
+    return total / count
+
+
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -558,14 +628,16 @@ class GPT(nn.Module):
             nn.init.normal_(module.w_proj, mean=0.0, std=residual_std)
 
     def forward(self, idx, targets=None):
-        logits = self.head(self.features(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if self.config.moe_aux_loss and torch.is_grad_enabled():  # in training only: val loss stays comparable
-                aux = [block.mlp.aux_loss for block in self.transformer.h]
-                loss = loss + self.config.moe_aux_loss * sum(aux) / len(aux)
-        return logits, loss
+        """(logits, None) without targets; (None, the mean loss) with them (targets -1 are ignored): the loss
+        comes from the hidden states a chunk at a time, and the whole logits are never made."""
+        x = self.features(idx)
+        if targets is None:
+            return self.head(x), None
+        loss = linear_cross_entropy(x, self.head_weight(), targets, self.config.vocab_size)
+        if self.config.moe_aux_loss and torch.is_grad_enabled():  # in training only: val loss stays comparable
+            aux = [block.mlp.aux_loss for block in self.transformer.h]
+            loss = loss + self.config.moe_aux_loss * sum(aux) / len(aux)
+        return None, loss
 
     def features(self, idx):
         """The final hidden states (B, T, n_embd): everything but the output layer."""
@@ -581,16 +653,19 @@ class GPT(nn.Module):
             x = block(x)
         return self.transformer.ln_f(x)
 
+    def head_weight(self):
+        """The output layer's matrix (padded_vocab_size, n_embd): logits = features · head_weight()ᵀ."""
+        if self.config.mp:
+            return normalize(self.lm_head.weight.float()) * self.out_gain  # gain·√n_embd / √fan_in
+        if self.config.ngpt:  # a cosine per vocabulary entry, times its learned scale
+            return self.lm_head.weight * self.s_z()[:, None]
+        return self.lm_head.weight
+
     def head(self, x):
         """Logits over the real vocabulary. Callers that need only some positions (HellaSwag scores
         only the endings) pass just those rows of features(): the output layer is the costly part."""
         # the padded columns exist only to make the matmul fast: cut them so they are never predicted
-        if self.config.mp:
-            w = normalize(self.lm_head.weight.float()) * self.out_gain  # gain·√n_embd / √fan_in
-            return F.linear(x, w.to(x.dtype))[..., : self.config.vocab_size]
-        if self.config.ngpt:  # a cosine per vocabulary entry, times its learned scale
-            return (self.lm_head(x) * self.s_z())[..., : self.config.vocab_size]
-        return self.lm_head(x)[..., : self.config.vocab_size]
+        return F.linear(x, self.head_weight().to(x.dtype))[..., : self.config.vocab_size]
 
     def _constrained(self):
         """[(weight, dim)]: what renormalize_ keeps at unit size along dim (mp and ngpt only)."""
@@ -696,8 +771,7 @@ class GPT(nn.Module):
         if idx.size(1) == 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("generate needs a non-empty prompt, temperature >= 0 and top_k >= 1 (or None)")
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float()
+            logits = self.head(self.features(idx[:, -self.config.block_size:])[:, -1]).float()  # the last position's
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

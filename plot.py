@@ -13,6 +13,7 @@ holds an up-to-date picture. Reads metrics.jsonl, or log.txt for runs from build
 import argparse
 import io
 import os
+import subprocess
 import sys
 
 from data import atomic_write
@@ -81,6 +82,34 @@ def plot_runs(run_dirs, out_path):
     fig.savefig(buf, format="png", dpi=100)
     with atomic_write(out_path) as f:
         f.write(buf.getvalue())
+
+
+class BackgroundPlot:
+    """Redraws a run's plot.png in a child process (`python plot.py RUN`) while training goes on: matplotlib
+    takes about a second, which on rank 0 would keep every other GPU waiting at the next collective. At most
+    one drawing at a time: a request while one is drawing is dropped (the next evaluation's redraws it).
+    Leaving the context waits for the drawing in progress."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.child = run_dir, None
+
+    def request(self):
+        """Start a redraw, unless one is still drawing; returns whether it started."""
+        if self.child is not None and self.child.poll() is None:
+            return False
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py")
+        self.child = subprocess.Popen([sys.executable, script, self.run_dir], stdout=subprocess.DEVNULL)
+        return True
+
+    def wait(self):
+        if self.child is not None:
+            self.child.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.wait()
 
 
 def write_report_with_plot(run_dir):

@@ -28,8 +28,8 @@ import torch.distributed as dist
 import hellaswag
 import train_gpt2
 from data import list_shards, read_shard
-from distributed import (default_device, nvidia_driver, on_rank0, peak_flops_per_device, run_memory, setup_distributed,
-                         use_compile)
+from distributed import (default_device, nvidia_driver, on_rank0, peak_flops_per_device, run_memory, sdpa_priority,
+                         setup_distributed, use_compile)
 from model import GPT
 from plot import plot_runs
 from runlog import hms, read_events
@@ -106,8 +106,9 @@ def forecast(cfg, step_s, val_s, hella_s, sample_s, plot_s, ckpt_s, startup_s):
     saves = (cfg.max_steps - 1) // cfg.checkpoint_every + 1 if cfg.checkpoint_every else 1
     if cfg.checkpoint_every_minutes:
         saves += int(train // (60 * cfg.checkpoint_every_minutes))
-    plots = sum(train_gpt2.due(cfg.val_every, s, s == cfg.max_steps)  # drawn after a val or a HellaSwag
-                or train_gpt2.due(cfg.hellaswag_every, s, s == cfg.max_steps) for s in range(cfg.max_steps + 1))
+    # the plot is redrawn after each val and HellaSwag by a child process, beside training: only the end's
+    # (with report.md) is in the run's way
+    plots = 1 if cfg.val_every or cfg.hellaswag_every else 0
     parts = {"training": train, "val": event_count(cfg.val_every, cfg.max_steps) * val_s,
              "hellaswag": event_count(cfg.hellaswag_every, cfg.max_steps) * hella_s,
              "samples": event_count(cfg.sample_every, cfg.max_steps) * sample_s, "plots": plots * plot_s,
@@ -297,6 +298,7 @@ def check_chips(checks, cfg, model_cfg, device, world_size):
     else:
         checks.add("SKIP", "matmul", "no GPU")
     check_attention(checks, model_cfg, cfg.seq_len, device.split(":")[0], use_compile(cfg, device.split(":")[0]))
+    check_sdpa(checks, cfg, model_cfg, device)
 
 
 def check_attention(checks, model_cfg, seq_len, device_type, compiled):
@@ -308,6 +310,44 @@ def check_attention(checks, model_cfg, seq_len, device_type, compiled):
     checks.add("WARN" if saves else "PASS", "attention", model.describe_attention(
         device_type, seq_len, compiled).removeprefix("attention ") + (
         "; --attn_impl auto with --compile sends those layers to FlexAttention" if saves else ""))
+
+
+def time_sdpa(device, shape, dtype, order, reps=10):
+    """(ms, output) of one causal SDPA forward+backward on random q, k, v of shape (B, H, T, head size), the
+    kernels tried in `order` (a list of SDPBackend)."""
+    from torch.nn.attention import sdpa_kernel
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape, dtype=dtype, device=device, generator=g).requires_grad_() for _ in range(3))
+    with sdpa_kernel(order, set_priority=True):
+        for i in range(reps + 2):  # 2 warm-up calls
+            if i == 2:
+                sync(device)
+                t0 = time.perf_counter()
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y.backward(torch.ones_like(y))
+        sync(device)
+    return (time.perf_counter() - t0) / reps * 1000, y.detach().float()
+
+
+def check_sdpa(checks, cfg, model_cfg, device):
+    """On GPUs where distributed.sdpa_priority puts cuDNN's attention first: one layer's attention at the run's
+    shape, cuDNN first against flash alone, timed and compared."""
+    from torch.nn.attention import SDPBackend
+
+    cuda = device.startswith("cuda")
+    order = sdpa_priority("cuda", torch.cuda.get_device_capability(device), cfg.cudnn_attention) if cuda else None
+    if order is None:
+        checks.add("SKIP", "sdpa", "torch's own kernel order (flash first)" if cuda else "no GPU")
+        return
+    shape = (cfg.micro_batch_size, model_cfg.n_head, cfg.seq_len, model_cfg.n_embd // model_cfg.n_head)
+    first, y_first = time_sdpa(device, shape, torch.bfloat16, order)
+    flash, y_flash = time_sdpa(device, shape, torch.bfloat16, [SDPBackend.FLASH_ATTENTION])
+    diff = (y_first - y_flash).abs().max().item()
+    bad = diff > 2e-2 or first > 1.02 * flash
+    checks.add("WARN" if bad else "PASS", "sdpa",
+               f"causal attention {'×'.join(map(str, shape))}, forward+backward: cuDNN first {first:.2f} ms, flash "
+               f"{flash:.2f} ms, outputs within {diff:.0e}" + ("; train with --no-cudnn_attention" if bad else ""))
 
 
 def sync(device):

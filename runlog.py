@@ -45,6 +45,7 @@ class RunLog:
     def __init__(self, run_dir, enabled):
         self.run_dir, self.enabled = run_dir, enabled
         self.tb = self.wandb = None
+        self.files = {}  # name -> open file: kept open (on network storage an open costs a round trip a step)
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
 
@@ -105,6 +106,9 @@ class RunLog:
         self.event("sample", step=step, samples=samples)
 
     def close(self, failed=False):
+        for f in self.files.values():
+            f.close()
+        self.files = {}
         if self.tb:
             self.tb.close()
         if self.wandb:
@@ -118,8 +122,10 @@ class RunLog:
         self.close(failed=exc_type is not None)
 
     def _append(self, name, text):
-        with open(os.path.join(self.run_dir, name), "a") as f:
-            f.write(text)
+        if name not in self.files:
+            self.files[name] = open(os.path.join(self.run_dir, name), "a")
+        self.files[name].write(text)
+        self.files[name].flush()  # each line reaches the file at once: `rsync logs/` mid-run sees it
 
 
 def step_line(rec):

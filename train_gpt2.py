@@ -35,14 +35,14 @@ import torch.distributed as dist
 import hellaswag
 from checkpoint import (StopSignal, check_resume_settings, checkpoint_volume, data_fingerprint, find_checkpoint,
                         load_checkpoint, restore_training_state, save_training_state)
-from data import DataLoader, fail, gpt2_tokenizer
+from data import DataLoader, Prefetcher, fail, gpt2_tokenizer
 from distributed import (all_reduce_sum, autocast_for, check_memory, node_of, on_each_node, on_rank0,
-                         peak_flops_per_device, resolve_dtype, settle_micro_batch, setup_distributed, shard_model,
-                         unwrap_ddp, use_compile, wrap_ddp)
+                         peak_flops_per_device, resolve_dtype, sdpa_order, settle_micro_batch, setup_distributed,
+                         shard_model, use_compile, wrap_ddp)
 from ema import PowerEMA, list_snapshots, save_snapshot, sigma_rel_to_gamma
 from model import GPT, GPTConfig
 from optim import MATRIX_KINDS, build_optimizer, describe
-from plot import plot_runs, write_report_with_plot
+from plot import BackgroundPlot, write_report_with_plot
 from runlog import GpuStats, RunLog, check_monitors, hms, step_line
 
 
@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # auto: bfloat16 on CUDA with compute capability >= 8.0, float16 below, float32 elsewhere
     compile: bool | None = None  # torch.compile; default on for CUDA
+    cudnn_attention: bool = True  # SDPA tries cuDNN's attention first on Hopper and newer (distributed.sdpa_priority)
     seed: int = 1337
     peak_flops: float = 0.0  # per device, for MFU; 0 = look the GPU up in PEAK_FLOPS
     # output
@@ -328,19 +329,18 @@ def write_samples(raw_model, enc, cfg, step, device, autocast):
     return [enc.decode(row.tolist()) for row in out]
 
 
-def train_step(model, raw_model, optimizer, scaler, loader, step, cfg, accum, autocast, device, world_size):
-    """One optimizer step over `accum` micro-batches: (this rank's mean loss, on the device; the gradient
-    norm before clipping; the learning rate)."""
+def train_step(model, ddp, raw_model, optimizer, scaler, batches, step, cfg, accum, autocast, device):
+    """One optimizer step over `accum` micro-batches (from a Prefetcher: already on the device) through
+    `model` (the compiled and/or DDP-wrapped raw_model; ddp: its DDP module, or None): (this rank's mean
+    loss, on the device; the gradient norm before clipping; the learning rate)."""
     fsdp = cfg.parallelism == "fsdp"
-    model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(accum):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = batches.next_batch()
         # (FSDP reduce-scatters every micro-step: skipping it would keep whole fp32 gradients on each rank)
-        if world_size > 1 and not fsdp:  # all-reduce gradients only once, after the last micro-step
-            model.require_backward_grad_sync = micro_step == accum - 1
+        if ddp:  # all-reduce gradients only once, after the last micro-step
+            ddp.require_backward_grad_sync = micro_step == accum - 1
         with autocast:
             _, loss = model(x, y)
         loss = loss / accum  # the mean over micro-steps, not the sum
@@ -416,7 +416,9 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     run_dir = os.path.join(cfg.log_dir, run_name)
     ckpt_dir = cfg.checkpoint_dir or os.path.join("checkpoints", run_name)
     ema_dir = os.path.join(ckpt_dir, "ema")
+    closing.enter_context(sdpa_order(cfg, device))  # which SDPA kernel attention tries first, for the whole run
     runlog = closing.enter_context(RunLog(run_dir, enabled=master))
+    plot = closing.enter_context(BackgroundPlot(run_dir))  # plot.png redrawn beside the run, not in its way
 
     # the model and its optimizer; the post-hoc EMAs of its weights on the checkpoint writers alone
     raw_model, optimizer, scaler = build_model(cfg, model_cfg, device, ptdtype)
@@ -454,9 +456,14 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             if step > start_step:
                 os.remove(path)
 
-    model = torch.compile(raw_model) if compiled else raw_model
-    if world_size > 1 and not fsdp:
-        model = wrap_ddp(model, local_rank, device_type)
+    # DDP inside torch.compile, not around it: the compiled backward is then split at DDP's gradient buckets
+    # and each bucket's all-reduce overlaps the rest of the backward (torch._dynamo's DDPOptimizer)
+    ddp = wrap_ddp(raw_model, local_rank, device_type) if world_size > 1 and not fsdp else None
+    model = torch.compile(ddp or raw_model) if compiled else ddp or raw_model  # what a training step runs
+    # evaluations run the bare model: DDP's forward would only add gradient-sync bookkeeping
+    eval_model = model if not ddp else torch.compile(raw_model) if compiled else raw_model
+    batches = Prefetcher(train_loader, device)  # the loader's batches, on the device ahead of their step
+    raw_model.train()  # (evaluations put it back in training mode when they end)
     hella_examples = load_hellaswag(cfg, rank, local_rank, world_size) if cfg.hellaswag_every else None
     enc = gpt2_tokenizer() if cfg.sample_every else None
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
@@ -484,7 +491,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         last chance (the end of the run, or a stop): then the run stops with the reason."""
         state = {"step": step,  # optimizer steps done: training continues at this step
                  "model_config": asdict(model_cfg), "train_config": asdict(cfg), "scaler": scaler.state_dict(),
-                 "loader": train_loader.state_dict(), "data": fingerprint, "evals": evals, "finished": finished,
+                 "loader": batches.state_dict(), "data": fingerprint, "evals": evals, "finished": finished,
                  "world_size": world_size, "ema": ema.state_dict() if ema else None, "wandb_id": wandb_id}
         path, problem = save_training_state(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, rank,
                                             world_size, writer, fsdp, volume)
@@ -504,7 +511,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
 
         # evaluate: val loss, HellaSwag, samples (each every N steps and at the end), then redraw the plot
         if due(cfg.val_every, step, last_step):
-            loss = val_loss(unwrap_ddp(model), val_loader, cfg.val_steps * accum, autocast, device, world_size)
+            loss = val_loss(eval_model, val_loader, cfg.val_steps * accum, autocast, device, world_size)
             evals["val_loss"] = loss
             evals["best_val_loss"] = min(loss, evals.get("best_val_loss", loss))
             log(f"step {step:5d} | val loss {loss:.4f}")
@@ -519,20 +526,21 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             for i, s in enumerate(samples):
                 log(f"sample {i}: {s}")
             runlog.samples(step, samples)
-        if master and (due(cfg.val_every, step, last_step) or due(cfg.hellaswag_every, step, last_step)):
-            plot_runs([run_dir], os.path.join(run_dir, "plot.png"))
+        evaluated = due(cfg.val_every, step, last_step) or due(cfg.hellaswag_every, step, last_step)
+        if master and evaluated and not last_step:  # (the end of the run draws it with the report)
+            plot.request()
         if last_step:
             break
 
         # train one step
         t0 = time.time()
-        loss, norm, lr = train_step(model, raw_model, optimizer, scaler, train_loader, step, cfg, accum, autocast,
-                                    device, world_size)
+        loss, norm, lr = train_step(model, ddp, raw_model, optimizer, scaler, batches, step, cfg, accum, autocast,
+                                    device)
         # one all-reduce carries the loss and what every rank must agree on: stop now? save now?
         save_due = master and cfg.checkpoint_every_minutes > 0 and \
             time.time() - last_save > 60 * cfg.checkpoint_every_minutes
-        sync = torch.stack([loss, torch.tensor(float(stop.requested is not None), device=device),
-                            torch.tensor(float(save_due), device=device)])
+        flags = torch.tensor([float(stop.requested is not None), float(save_due)]).to(device, non_blocking=True)
+        sync = torch.cat([loss.view(1), flags])
         loss_sum, stop_now, save_now = all_reduce_sum(sync, world_size).tolist()  # waits for the GPU too
         dt = time.time() - t0
 
@@ -558,12 +566,14 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             log(f"stopped at step {done} by a signal; run the same command again to resume")
             runlog.event("stop", step=done)
             if master:
+                plot.wait()
                 write_report_with_plot(run_dir)
             return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "stopped": True, **evals}
 
     checkpoint(cfg.max_steps, finished=True, last_chance=True)
     runlog.event("end", step=cfg.max_steps, elapsed_s=time.time() - t_start, **evals)
     if master:
+        plot.wait()
         log(f"wrote {write_report_with_plot(run_dir)}")
     return {"run_dir": run_dir, "checkpoint_dir": ckpt_dir, "stopped": False, **evals}
 

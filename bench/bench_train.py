@@ -5,12 +5,15 @@ How fast is a training step, and how much does our loop cost over the bare minim
     python bench/bench_train.py --compile --micro_batch_size 16   # any train_gpt2.py flag passes through
     python bench/bench_train.py --n_layer 4 --n_embd 256 --n_head 4 --seq_len 256 --micro_batch_size 8 --device cpu
 
-Three measurements of the same model, batch and precision:
+Four measurements of the same model, batch and precision:
 1. train_gpt2.train() itself, on a shard of random tokens, evals and checkpoints off: the wall time
    between consecutive steps in its metrics.jsonl, after warm-up. Logging, the loss all-reduce and the
    data loader are all in it: it is the real loop, not a copy.
 2. a bare loop: forward, backward, clip, AdamW step, nothing else.
-3. forward+backward of our model.py against Hugging Face's GPT2LMHeadModel of the same shape.
+3. the output layer and loss alone, forward+backward on the micro batch's hidden states: model.py's
+   chunked linear_cross_entropy against the plain F.linear + slice + F.cross_entropy (time, peak memory).
+4. forward+backward of our model.py against Hugging Face's GPT2LMHeadModel of the same shape, each with
+   its loss (HF: labels=).
 Prints tokens/s, ms/step, MFU (against the device's dense bf16 peak) and peak memory.
 """
 
@@ -30,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distributed  # noqa: E402
 import train_gpt2  # noqa: E402
 from data import write_shard  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, linear_cross_entropy  # noqa: E402
 
 
 def sync(device):
@@ -83,16 +86,60 @@ def bench_bare(cfg, model_cfg, device, ptdtype, steps, warmup):
     return (time.perf_counter() - t0) / steps
 
 
-def bench_fwd_bwd(model, x, autocast, device, iters, warmup, hf):
+def timed(fn, device, iters, warmup):
+    """Seconds per call of fn, after warmup calls."""
     for i in range(warmup + iters):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        with autocast:
-            logits = model(x).logits if hf else model(x)[0]
-        logits.float().mean().backward()
+        fn()
     sync(device)
     return (time.perf_counter() - t0) / iters
+
+
+def peak_bytes(fn, device):
+    """The most memory fn's tensors hold at once: CUDA's allocator, or torch's MemTracker on the CPU."""
+    if device.startswith("cuda"):
+        sync(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    with tracker:
+        fn()
+    return tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"]
+
+
+def plain_loss(x, w, targets, vocab_size):
+    """What model.py did before linear_cross_entropy: the whole logits, sliced to the vocabulary, in fp32."""
+    logits = torch.nn.functional.linear(x, w)[..., :vocab_size].float()
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def bench_loss(cfg, model_cfg, device, ptdtype, iters, warmup):
+    """(fused s, plain s, fused peak bytes, plain peak bytes) for forward+backward of the output layer and loss
+    on one micro batch of hidden states."""
+    autocast = torch.autocast(device.split(":")[0], dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    rows = cfg.micro_batch_size * cfg.seq_len
+    x = torch.randn(rows, model_cfg.n_embd, device=device, requires_grad=True)
+    w = (0.02 * torch.randn(model_cfg.padded_vocab_size, model_cfg.n_embd, device=device)).requires_grad_()
+    targets = torch.randint(0, model_cfg.vocab_size, (rows,), device=device)
+    results = {}
+    for name, loss_fn in (("fused", linear_cross_entropy), ("plain", plain_loss)):
+        if cfg.compile:
+            loss_fn = torch.compile(loss_fn)
+
+        def step():
+            x.grad = w.grad = None
+            with autocast:
+                loss = loss_fn(x, w, targets, model_cfg.vocab_size)
+            loss.backward()
+
+        results[name] = timed(step, device, iters, warmup), peak_bytes(step, device)
+    return results["fused"][0], results["plain"][0], results["fused"][1], results["plain"][1]
 
 
 def bench_vs_hf(cfg, model_cfg, device, ptdtype, iters, warmup):
@@ -106,8 +153,14 @@ def bench_vs_hf(cfg, model_cfg, device, ptdtype, iters, warmup):
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
     if cfg.compile:
         ours, hf = torch.compile(ours), torch.compile(hf)
-    t_ours = bench_fwd_bwd(ours, x, autocast, device, iters, warmup, hf=False)
-    t_hf = bench_fwd_bwd(hf, x, autocast, device, iters, warmup, hf=True)
+
+    def step(model, loss):
+        with autocast:
+            loss(model).backward()
+
+    # HF shifts its labels inside (predicting x[1:] from x[:-1]); ours are given: the same work either way
+    t_ours = timed(lambda: step(ours, lambda m: m(x, x)[1]), device, iters, warmup)
+    t_hf = timed(lambda: step(hf, lambda m: m(x, labels=x).loss), device, iters, warmup)
     return t_ours, t_hf
 
 
@@ -155,6 +208,11 @@ def main():
         print(f"{label:16s} {t * 1000:9.1f} ms/step | {tokens / t:12,.0f} tokens/s{mfu}")
     print(f"loop / bare      {t_loop / t_bare:.3f}  (overhead {100 * (t_loop / t_bare - 1):+.1f}%)")
     print(f"peak memory      {mem:.2f} GiB" + (" (process max RSS)" if device_type == "cpu" else ""))
+    t_fused, t_plain, m_fused, m_plain = bench_loss(cfg, model_cfg, device, ptdtype, args.steps, args.warmup)
+    print(f"loss fused       {t_fused * 1000:9.1f} ms fwd+bwd | peak {m_fused / 2**20:8.1f} MiB  "
+          f"(output layer + loss of {cfg.micro_batch_size * cfg.seq_len} rows)")
+    print(f"loss plain       {t_plain * 1000:9.1f} ms fwd+bwd | peak {m_plain / 2**20:8.1f} MiB  "
+          f"| fused is {t_plain / t_fused:.2f}× as fast, {m_plain / m_fused:.1f}× less memory")
     if not args.no_hf:
         t_ours, t_hf = bench_vs_hf(cfg, model_cfg, device, ptdtype, args.steps, args.warmup)
         per = cfg.micro_batch_size * cfg.seq_len

@@ -268,3 +268,16 @@ def test_uncompiled_flex_is_counted_as_keeping_its_scores():
     with torch.device("meta"):
         line = GPT(cfg).describe_attention("cuda", 1024, compiled=False)
     assert line.count("saves T×T scores for backward") == 2  # both groups of layers
+
+
+def test_sdpa_tries_cudnn_first_on_hopper_and_newer():
+    from torch.nn.attention import SDPBackend
+
+    from distributed import sdpa_priority
+
+    assert sdpa_priority("cuda", (9, 0), True)[0] == SDPBackend.CUDNN_ATTENTION  # H100, H200, H20
+    assert sdpa_priority("cuda", (10, 0), True)[0] == SDPBackend.CUDNN_ATTENTION  # B200
+    assert set(sdpa_priority("cuda", (9, 0), True)) >= {SDPBackend.FLASH_ATTENTION, SDPBackend.MATH}  # fallbacks
+    assert sdpa_priority("cuda", (8, 0), True) is None  # A100: torch's own order (flash first)
+    assert sdpa_priority("cuda", (9, 0), False) is None  # --no-cudnn_attention
+    assert sdpa_priority("cpu", (0, 0), True) is None and sdpa_priority("mps", (0, 0), True) is None

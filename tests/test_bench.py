@@ -15,6 +15,10 @@ def test_bench_train_prints_every_figure():
     ratio = float(re.search(r"loop / bare\s+([\d.]+)", out).group(1))
     assert abs(ratio - float(loop.group(1)) / float(bare.group(1))) < 0.01
     assert re.search(r"peak memory\s+[\d.]+ GiB", out)
+    fused = re.search(r"loss fused\s+([\d.]+) ms fwd\+bwd \| peak\s+([\d.]+) MiB", out)
+    plain = re.search(r"loss plain\s+([\d.]+) ms fwd\+bwd \| peak\s+([\d.]+) MiB", out)
+    assert fused and plain, out
+    assert float(fused.group(2)) < float(plain.group(2))  # 64 rows: one chunk, and still no fp32 logits kept
     assert re.search(r"fwd\+bwd model.py\s+[\d,]+ tokens/s \| HF GPT2LMHeadModel\s+[\d,]+ tokens/s \| ratio [\d.]+", out)
     assert "64 tokens = 2 × 32 × 1 micro-steps" in out
 

@@ -169,6 +169,33 @@ def test_loader_state_dict_resumes_exactly(tmp_path):
         assert torch.equal(xa, xb)
 
 
+def test_prefetcher_changes_no_batch(tmp_path):
+    """The Prefetcher hands out the loader's batches in the loader's order (across shard changes and
+    epochs, shuffled), and between steps its state_dict is where a plain loader stands: a run resumed from
+    it reads on with the same batches."""
+    import torch
+
+    from data import DataLoader, Prefetcher
+
+    d = _shards(tmp_path, [500, 300])
+    plain = DataLoader(d, "train", B=2, T=8, accum=2, shuffle=True, seed=5)
+    batches = Prefetcher(DataLoader(d, "train", B=2, T=8, accum=2, shuffle=True, seed=5), "cpu")
+    for step in range(30):  # an epoch is ~24 steps
+        assert batches.state_dict() == plain.state_dict()
+        for _ in range(2):
+            (x, y), (xp, yp) = plain.next_batch(), batches.next_batch()
+            assert torch.equal(x, xp) and torch.equal(y, yp)
+    assert plain.epoch > 0
+    resumed = DataLoader(d, "train", B=2, T=8, accum=2, shuffle=True, seed=5)
+    resumed.load_state_dict(batches.state_dict())
+    batches.next_batch()
+    with pytest.raises(AssertionError):  # mid-step there is no position to save
+        batches.state_dict()
+    resumed.next_batch()
+    for _ in range(30):
+        assert torch.equal(resumed.next_batch()[0], batches.next_batch()[0])
+
+
 def test_loader_resumes_with_a_bigger_step(tmp_path):
     # saved by a run with 16-token steps, 48 tokens before the end of a 1000-token shard; resumed by
     # 2 ranks reading 4×8 each, whose 64-token step no longer fits there: both move on to the next shard

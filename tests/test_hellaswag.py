@@ -316,3 +316,15 @@ def test_bench_runs(capsys):
         bench.main(["--size", "tiny", "--n", "6", "--batch_size", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.count("examples/s") == 2 and "speedup" in out and "same counts" in out, out
+
+
+def test_examples_are_tokenised_once(examples, monkeypatch):
+    """Training evaluates the same examples every few hundred steps: the second time reads no tokenizer."""
+    import hellaswag
+    from data import gpt2_tokenizer
+
+    enc = gpt2_tokenizer()
+    first = [hellaswag.rendered(e, 64) for e in examples]
+    assert first == [hellaswag.render(e, enc, 64) for e in examples]
+    monkeypatch.setattr(hellaswag, "render", lambda *a: pytest.fail("tokenised again"))
+    assert [hellaswag.rendered(e, 64) for e in examples] == first

@@ -122,3 +122,19 @@ def test_report_of_a_run_that_died(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="has no config.json; is it a run folder"):
         plot.main(["--report", str(tmp_path)])
+
+
+def test_background_plot_draws_beside_the_caller(tmp_path):
+    """plot.png is drawn by a child process (training goes on meanwhile); a request while it draws is
+    dropped, and leaving the context waits for the drawing."""
+    import plot
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"event": "train", "step": s, "loss": 5.0 - s / 10})
+                                               + "\n" for s in range(5)))
+    with plot.BackgroundPlot(str(run)) as background:
+        assert background.request()
+        assert not background.request()  # a Python process takes well over a millisecond to start
+        child = background.child
+    assert child.returncode == 0 and (run / "plot.png").read_bytes()[:4] == b"\x89PNG"

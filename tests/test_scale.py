@@ -1,4 +1,6 @@
 """Beyond one node and beyond 124M: presets, the memory estimate, the micro-batch search, multi-node runs."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,6 +83,13 @@ def test_find_micro_batch_tries_real_steps(monkeypatch):
     monkeypatch.setattr(GPT, "forward", limited)
     assert find_micro_batch(cfg, model_cfg, "cpu", 1) == 6
     assert set(tried) <= {1, 2, 3, 4, 6, 12} and 12 in tried
+
+    # a compiled run is searched compiled (eager needs more memory: it would pick too small)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    tried.clear()
+    assert find_micro_batch(dataclasses.replace(cfg, compile=True), model_cfg, "cpu", 1) == 6
+    assert len(compiled) == len(set(tried)) and all(isinstance(m, GPT) for m in compiled)
 
 
 def test_find_micro_batch_needs_cuda(tmp_path):

@@ -228,9 +228,12 @@ def torchrun(nproc, *args, timeout=600):
 
 
 def test_ddp_matches_single_process(small_shards, tmp_path):
-    """2 ranks × 1 micro-step sees the same tokens as 1 rank × 2 micro-steps: the same logged losses,
-    across shard ends and an epoch (6 steps fit in a shard)."""
-    out = torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", "--max_steps", "14", "--val_every", "5"))
+    """2 ranks × 2 micro-steps of 2 sees the same tokens as 1 rank × 2 micro-steps of 4: the same logged
+    losses, across shard ends and an epoch (6 steps fit in a shard). The DDP run is compiled (DDP inside
+    torch.compile, its backward split at the gradient buckets, the all-reduce skipped on the first
+    micro-step), the single one eager."""
+    out = torchrun(2, *tiny_args(tmp_path, small_shards, "ddp", "--max_steps", "14", "--val_every", "5",
+                                 "--micro_batch_size", "2", "--compile"))
     assert "broadcast_buffers" not in out.stderr, out.stderr[-3000:]  # torch >= 2.13 warns of the old name
     run_inprocess(tiny_args(tmp_path, small_shards, "single", "--max_steps", "14", "--val_every", "5"))
     ddp, single = tmp_path / "logs" / "ddp", tmp_path / "logs" / "single"
