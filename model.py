@@ -771,7 +771,8 @@ class GPT(nn.Module):
         if idx.size(1) == 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("generate needs a non-empty prompt, temperature >= 0 and top_k >= 1 (or None)")
         for _ in range(max_new_tokens):
-            logits = self.head(self.features(idx[:, -self.config.block_size:])[:, -1]).float()  # the last position's
+            logits, _ = self(idx[:, -self.config.block_size:])  # through forward: FSDP gathers the weights there
+            logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
