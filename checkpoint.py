@@ -4,12 +4,15 @@ Checkpoints: runs that survive preemption, and "a model from anything" for the t
 checkpoints/<run>/step_NNNNNN.pt holds everything a resumed run needs (weights, optimizer, loader position,
 every rank's RNG state, the EMAs, the settings); step_NNNNNN.json beside it records its size and sha256,
 written only after the .pt is complete; `latest` names the newest. All three are written atomically, so
-a kill at any moment leaves the previous checkpoint usable. FSDP runs write step_NNNNNN.dcp/ folders
-(torch.distributed.checkpoint: every rank its shards) with the same .json and `latest`.
+a kill at any moment leaves the previous checkpoint usable. The training loop saves with BackgroundSaver:
+the state is copied to CPU memory and written by a thread while training goes on. FSDP runs write
+step_NNNNNN.dcp/ folders (torch.distributed.checkpoint: every rank its shards, synchronously) with the same
+.json and `latest`.
 A checkpoint holds plain tensors, dicts and lists only: torch.load(weights_only=True) reads it.
 """
 
 import contextlib
+import copy
 import errno
 import glob
 import hashlib
@@ -20,6 +23,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -35,7 +39,7 @@ RESUME_FIXED = ("seq_len", "total_batch_size", "shuffle", "seed")
 
 
 # ---------------------------------------------------------------------------
-# saving: every rank calls save_training_state; the writers write
+# saving: every rank calls save_training_state (or BackgroundSaver.save); the writers write
 
 def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp, volume=None):
     """Save a training run: `state` (the step, settings, loader position, ...) with every rank's RNG state,
@@ -46,12 +50,7 @@ def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_siz
     Returns (path, None) (the path on the writers), or (None, what went wrong in one line) on every rank
     when the save failed on any: a full disk, no permission, a vanished mount. Then no part of the new
     checkpoint is left, and the earlier ones are untouched."""
-    rngs = [None] * world_size  # every rank's generators, though one rank (per node) writes
-    if world_size > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    state = {**state, "rng": rngs}
+    state = {**state, "rng": rng_states(world_size)}
     path = problem = None
     errors = (OSError, SystemExit)  # a write that failed; rank 0's error, handed to every rank by on_rank0
     if fsdp:  # every rank raises it when one rank's write failed (a BaseException, imported only here: 0.4 s)
@@ -62,16 +61,128 @@ def save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_siz
         if fsdp:
             path = save_sharded_checkpoint(ckpt_dir, state, model, optimizer, keep, rank, world_size, volume)
         elif writer:
-            path = save_checkpoint(ckpt_dir, {**state, "model": model.state_dict(),  # unwrapped: plain names
-                                              "optimizer": optimizer.state_dict()}, keep, volume)
+            path = save_checkpoint(ckpt_dir, whole_state(state, model, optimizer), keep, volume)
     except errors as e:
         problem = save_problem(ckpt_dir, f"step_{state['step']:06d}", e, state_bytes([model, optimizer]))
+    return agree(path, problem, world_size)
+
+
+class BackgroundSaver:
+    """save_training_state without the wait: save() copies the state to CPU memory (training changes the
+    tensors in place at its next step, on the CPU too) and a thread writes, hashes, fsyncs and publishes it
+    as save_checkpoint does, while training goes on. One save at a time: save() first waits for the one
+    before. Its outcome, what save_training_state would have returned, comes from the next save() or
+    wait(); a run's last save is waited for before the run ends.
+
+    The thread only writes files: every collective (the RNG gather, the ranks' agreement on the outcome)
+    stays on the caller's thread, so ranks cannot deadlock on it. FSDP's save stays synchronous: dcp.save
+    is a collective of its own, which a thread could only run on a second process group."""
+
+    def __init__(self):
+        self.step = self.outcome = self.thread = None  # the save in flight: its step, result, writer thread
+        self.world_size = 1
+        self.stall_s = self.write_s = 0.0  # the save in flight: how long save() held training up, the write took
+
+    def save(self, ckpt_dir, state, model, optimizer, keep, rank, world_size, writer, fsdp, volume=None):
+        """Start saving (save_training_state's arguments; every rank calls it). Returns the previous save's
+        outcome, as wait() does."""
+        previous, step = self.wait(), state["step"]
+        t0 = time.perf_counter()
+        if fsdp:  # written now; wait() hands on its outcome
+            self.outcome = save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer,
+                                               fsdp, volume)
+        else:
+            state = {**state, "rng": rng_states(world_size)}
+            self.outcome = (None, None)  # a rank that does not write has nothing to report
+            if writer:  # the copy (and the room a failed save reports) taken now: the thread never sees the model
+                state, needed = cpu_copy(whole_state(state, model, optimizer)), state_bytes([model, optimizer])
+                self.thread = threading.Thread(target=self._write, args=(ckpt_dir, state, keep, volume, needed),
+                                               name="checkpoint")
+                self.thread.start()
+        self.step, self.world_size = step, world_size  # in flight (once it has started)
+        self.stall_s = self.write_s = time.perf_counter() - t0
+        return previous
+
+    def _write(self, ckpt_dir, state, keep, volume, needed):
+        t0 = time.perf_counter()
+        try:
+            self.outcome = save_checkpoint(ckpt_dir, state, keep, volume), None
+            self.write_s = time.perf_counter() - t0
+        except (OSError, SystemExit) as e:
+            self.outcome = None, save_problem(ckpt_dir, f"step_{state['step']:06d}", e, needed)
+        except BaseException as e:  # anything else is a bug: raised by wait(), on the caller's thread
+            self.outcome = e
+
+    def wait(self):
+        """Wait for the save in flight; return (step, path, problem, seconds), path and problem as
+        save_training_state returns them (every rank the same), seconds {"stall_s": how long save() held
+        training up, "write_s": how long the write took (this rank's)}, or None when no save was started.
+        Every rank calls it."""
+        if self.step is None:
+            return None
+        self.close()
+        step, outcome, self.step, self.outcome = self.step, self.outcome, None, None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return (step, *agree(*outcome, self.world_size), {"stall_s": self.stall_s, "write_s": self.write_s})
+
+    def close(self):
+        """Let the write in flight finish, on this rank alone and reporting nothing: how a run that ends on
+        an error leaves (the save is atomic either way)."""
+        if self.thread:
+            self.thread.join()
+            self.thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def rng_states(world_size):
+    """Every rank's generators, gathered (though one rank per node writes them)."""
+    if world_size == 1:
+        return [rng_state()]
+    rngs = [None] * world_size
+    dist.all_gather_object(rngs, rng_state())
+    return rngs
+
+
+def whole_state(state, model, optimizer):
+    """What a .pt checkpoint holds: state, the weights and the optimizer state."""
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}  # unwrapped: plain names
+
+
+def agree(path, problem, world_size):
+    """The writers' outcome, to every rank: all go on, or all stop, together."""
     problems = [problem]
-    if world_size > 1:  # the writers' outcome, to every rank: all go on, or all stop, together
+    if world_size > 1:
         problems = [None] * world_size
         dist.all_gather_object(problems, problem)
     problem = next((p for p in problems if p), None)
     return (None, problem) if problem else (path, None)
+
+
+def cpu_copy(obj, storages=None):
+    """obj with every tensor copied into new CPU memory (.cpu() of a CPU tensor is no copy). Tensors that
+    share memory (tied embeddings: two names, one storage) share their copy, so torch.save writes the same
+    bytes from the copy as from obj."""
+    storages = {} if storages is None else storages
+    if torch.is_tensor(obj):
+        src = obj.untyped_storage()
+        key = (src.device, src.data_ptr()) if src.nbytes() else object()  # empty storages share no memory
+        if key not in storages:
+            storages[key] = torch.UntypedStorage(src.nbytes()).copy_(src)
+        return torch.empty(0, dtype=obj.dtype).set_(storages[key], obj.storage_offset(), obj.size(), obj.stride())
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # its type and attributes: a state_dict's OrderedDict keeps its _metadata
+        for k, v in obj.items():
+            out[k] = cpu_copy(v, storages)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(cpu_copy(v, storages) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def state_bytes(modules):

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 import hellaswag
-from checkpoint import (StopSignal, check_resume_settings, checkpoint_volume, data_fingerprint, find_checkpoint,
-                        load_checkpoint, restore_training_state, save_training_state)
+from checkpoint import (BackgroundSaver, StopSignal, check_resume_settings, checkpoint_volume, data_fingerprint,
+                        find_checkpoint, load_checkpoint, restore_training_state)
 from data import DataLoader, Prefetcher, fail, gpt2_tokenizer
 from distributed import (all_reduce_sum, autocast_for, check_memory, node_of, on_each_node, on_rank0,
                          peak_flops_per_device, resolve_dtype, sdpa_order, settle_micro_batch, setup_distributed,
@@ -486,15 +486,27 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
     if not ckpt_path:
         runlog.event("start", step=0, world_size=world_size)
 
+    saver = closing.enter_context(BackgroundSaver())  # checkpoints written while training goes on
+
     def checkpoint(step, finished=False, last_chance=False):
-        """Save; a failed save (disk full...) is reported and retried at the next one, unless this was the
-        last chance (the end of the run, or a stop): then the run stops with the reason."""
+        """Start a save; the one before it finishes first. The last chance (the end of the run, or a stop)
+        also waits for this one, so the run ends only once it is on disk."""
         state = {"step": step,  # optimizer steps done: training continues at this step
                  "model_config": asdict(model_cfg), "train_config": asdict(cfg), "scaler": scaler.state_dict(),
                  "loader": batches.state_dict(), "data": fingerprint, "evals": evals, "finished": finished,
                  "world_size": world_size, "ema": ema.state_dict() if ema else None, "wandb_id": wandb_id}
-        path, problem = save_training_state(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, rank,
-                                            world_size, writer, fsdp, volume)
+        report(saver.save(ckpt_dir, state, raw_model, optimizer, cfg.keep_checkpoints, rank, world_size, writer,
+                          fsdp, volume))
+        if last_chance:
+            report(saver.wait(), last_chance=True)
+        return time.time()
+
+    def report(saved, last_chance=False):
+        """A finished save (step, path, problem, seconds), if any; a failed one (disk full...) is retried at the
+        next checkpoint, unless it was the last chance: then the run stops with the reason."""
+        if saved is None:
+            return
+        step, path, problem, seconds = saved
         if problem:
             runlog.event("checkpoint_failed", step=step, error=problem)
             if last_chance:
@@ -502,8 +514,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
             log(f"warning: {problem}; training goes on and tries again at the next checkpoint")
         else:
             log(f"saved {path}")
-            runlog.event("checkpoint", step=step, path=path)
-        return time.time()
+            runlog.event("checkpoint", step=step, path=path, **seconds)
 
     last_save = t_start = time.time()
     for step in range(start_step, cfg.max_steps + 1):

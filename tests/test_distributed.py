@@ -121,7 +121,7 @@ def test_memory_check():
     assert distributed.estimate_memory(model_cfg, fits, 1024) <= 16 * 2**30
     assert distributed.estimate_memory(model_cfg, 2 * fits, 1024) > 16 * 2**30  # the largest divisor that fits
     assert "--preset laptop" in problem
-    assert "--find_micro_batch use" in memory_problem(cfg, model_cfg, "cuda", 40 * 2**30, 8)
+    assert "--find_micro_batch use" in memory_problem(cfg, model_cfg, "cuda", 24 * 2**30, 8)  # an L4
     assert "not even --micro_batch_size 1 fits" in memory_problem(cfg, model_cfg, "cpu", 2**30, 1)
     laptop, laptop_model = parse_args(["--preset", "laptop"])
     assert memory_problem(laptop, laptop_model, "cpu", 8 * 2**30, 1) is None

@@ -13,7 +13,7 @@ from test_train_gpt2 import TINY
 from train_gpt2 import parse_args
 
 CHECKS = ["torch", "device", "/dev/shm", "disk", "data", "hellaswag", "memory", "all-reduce", "matmul", "attention",
-          "steps", "compile", "evaluation", "checkpoint", "resume", "forecast"]
+          "sdpa", "steps", "compile", "evaluation", "checkpoint", "resume", "forecast"]
 
 
 @pytest.fixture
@@ -58,12 +58,13 @@ def test_preflight_end_to_end_on_cpu(shard_dir, tmp_path, hellaswag_file, capsys
     assert code == 0
     checks = lines(stdout)
     assert list(checks) == CHECKS, stdout
-    assert {name for name, (status, _) in checks.items() if status == "SKIP"} == {"all-reduce", "matmul", "compile"}
-    assert all(status == "PASS" for name, (status, _) in checks.items() if name not in ("all-reduce", "matmul", "compile"))
+    assert {name for name, (status, _) in checks.items() if status == "SKIP"} == {"all-reduce", "matmul", "sdpa", "compile"}
+    assert all(status == "PASS" for name, (status, _) in checks.items()
+               if name not in ("all-reduce", "matmul", "sdpa", "compile"))
     assert "no GPU" in checks["matmul"][1] and "one process" in checks["all-reduce"][1]
     assert checks["hellaswag"][1].startswith("8 examples") and "all 8:" in checks["evaluation"][1]
     assert "within 0.0e+00" in checks["resume"][1]  # on CPU a resume is exact
-    assert re.search(r"preflight: 13 PASS, 0 WARN, 0 FAIL, 3 SKIP in .*the node is ready", stdout)
+    assert re.search(r"preflight: 13 PASS, 0 WARN, 0 FAIL, 4 SKIP in .*the node is ready", stdout)
     # nothing in the run's own folders, and the scratch folder is gone
     assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt" / "real").exists()
     assert os.listdir(tmp_path / "ckpt") == []
