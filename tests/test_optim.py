@@ -4,7 +4,8 @@ through training: DDP, checkpoint → resume, param groups."""
 import pytest
 import torch
 
-from optim import MatrixOptimizer, describe, manifold_muon_direction, msign, muon_scale, newton_schulz, stiefel_scale
+from optim import (MATRIX_KINDS, MatrixOptimizer, describe, manifold_muon_direction, msign, muon_scale, newton_schulz,
+                   stiefel_scale)
 from test_resume import train_and_resume_at_3
 from test_train_gpt2 import ROOT, losses_by_step, run_inprocess, tiny_args, torchrun
 
@@ -37,13 +38,14 @@ def test_muon_scales_by_hand():
     assert muon_scale((768, 3072), "moonlight") == pytest.approx(0.2 * 3072 ** 0.5)
 
 
-def test_adamw_half_equals_torch_adamw():
+@pytest.mark.parametrize("fused_ref", [None, True])  # torch's default on the CPU (a loop), and its fused kernel
+def test_adamw_half_equals_torch_adamw(fused_ref):
     torch.manual_seed(0)
-    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in [(5, 3), (7, 4), (4,), (3,)]]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    ours = MatrixOptimizer([{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]]}], lr=1e-2, betas=(0.9, 0.95))
-    ref = torch.optim.AdamW([{"params": [b[0]], "weight_decay": 0.1}, {"params": [b[1]], "weight_decay": 0.0}],
-                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ours = MatrixOptimizer([{"params": a[:2], "weight_decay": 0.1}, {"params": a[2:]}], lr=1e-2, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW([{"params": b[:2], "weight_decay": 0.1}, {"params": b[2:], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused_ref)
     for _ in range(5):
         grads = [torch.randn_like(p) for p in a]
         for p, q, g in zip(a, b, grads):
@@ -51,7 +53,100 @@ def test_adamw_half_equals_torch_adamw():
         ours.step()
         ref.step()
     for p, q in zip(a, b):
-        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ours.state[p][key], ref.state[q][key], rtol=0, atol=1e-6)
+
+
+def test_state_dict_resumes_exactly():
+    """Muon's and AdamW's state through state_dict → torch.save → load_state_dict into a new optimizer: the
+    same steps as never stopping. The format is the one checkpoints have always had (a momentum per
+    matrix; step, exp_avg, exp_avg_sq per AdamW tensor, step a float32 scalar: on the CPU for CPU weights)."""
+    import io
+
+    shapes = [(8, 16), (8, 16), (16,)]
+    grads = [[torch.randn(s, generator=torch.Generator().manual_seed(i)) for s in shapes] for i in range(4)]
+
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = MatrixOptimizer([{"params": params[:2], "kind": "muon"}, {"params": params[2:]}], lr=0.05)
+        if state:
+            with torch.no_grad():
+                for p, w in zip(params, state["model"]):
+                    p.copy_(w)
+            opt.load_state_dict(state["optimizer"])
+        for g in steps:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        return params, opt
+
+    params, opt = run(grads[:2])
+    state = opt.state_dict()
+    adam = ["exp_avg", "exp_avg_sq", "step"]
+    assert [sorted(s) for s in state["state"].values()] == [["momentum"], ["momentum"], adam]
+    assert state["state"][2]["step"].dtype == torch.float32 and state["state"][2]["step"].device.type == "cpu"
+    buffer = io.BytesIO()
+    torch.save({"model": [p.detach() for p in params], "optimizer": state}, buffer)
+    buffer.seek(0)
+    resumed, _ = run(grads[2:], torch.load(buffer, weights_only=True))
+    for p, q in zip(resumed, run(grads)[0]):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("per_call", [None, 2])  # whole stacks (the CPU's choice for small matrices), and 2 + 1
+def test_stacked_step_equals_one_matrix_at_a_time(per_call, monkeypatch):
+    """A group's same-shape matrices go through batched calls; the same matrices each in a group of its
+    own (a stack of one, as before stacking) end with the same weights and momentum, for every kind, tall
+    and wide, and a batch of experts stored (experts, in, out)."""
+    import optim
+
+    if per_call:
+        monkeypatch.setattr(optim, "matrices_per_call", lambda shape, device_type: per_call)
+    shapes = [(16, 32), (48, 16), (16, 32), (48, 16), (16, 32), (2, 12, 8), (2, 12, 8)]
+    for kind in MATRIX_KINDS:
+        runs = []
+        for stacked in (True, False):
+            torch.manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+            for p in params[5:]:
+                p.IN_OUT = True
+            hyper = {"kind": kind, "weight_decay": 0.1}
+            groups = [{"params": params, **hyper}] if stacked else [{"params": [p], **hyper} for p in params]
+            opt = MatrixOptimizer(groups, lr=0.05, momentum=0.9, dual_steps=2)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            runs.append([(p.detach(), opt.state[p]["momentum"]) for p in params])
+        for (w, m), (w1, m1) in zip(*runs):
+            torch.testing.assert_close(w, w1, msg=kind)
+            torch.testing.assert_close(m, m1, msg=kind)
+
+
+def test_matrices_per_call():
+    """Whole stacks on a GPU; on the CPU, stacks of at most 2**20 elements (a 124M model's matrices one by
+    one, the cpu-proxy's 128-wide ones all together), never none."""
+    from optim import matrices_per_call
+
+    assert matrices_per_call((3072, 768), "cuda") >= 48
+    assert [matrices_per_call(s, "cpu") for s in [(3072, 768), (768, 768), (128, 512), (4, 128, 128)]] == [1, 1, 16, 16]
+
+
+def test_weights_without_gradients_are_left_alone():
+    """A weight with no gradient this step (unused, frozen) is neither stepped nor given state, even when
+    none of its group has one."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 8), (8, 8), (4, 4), (8,), (3,)]]
+    before = [p.detach().clone() for p in params]
+    opt = MatrixOptimizer([{"params": params[:2], "kind": "muon"}, {"params": params[2:3], "kind": "muon"},
+                           {"params": params[3:4]}, {"params": params[4:]}], lr=0.1)
+    params[0].grad, params[3].grad = torch.randn(8, 8), torch.randn(8)
+    opt.step()
+    assert [not torch.equal(p, b) for p, b in zip(params, before)] == [True, False, False, True, False]
+    assert [p in opt.state for p in params] == [True, False, False, True, False]
 
 
 def test_muon_step_by_hand():
@@ -150,22 +245,31 @@ def test_muon_trains_resumes_and_prints_its_groups(small_shards, tmp_path, capsy
 
 
 def test_matrix_work_split_across_ranks_is_exact(tmp_path):
-    """Identical gradients on 3 ranks: the muon/sphere/manifold_muon updates are split and broadcast,
-    and every rank ends with exactly the weights one process computes."""
+    """Identical gradients on 3 ranks: each shape's stack of muon/sphere/manifold_muon matrices is split
+    (one rank with none of a shape) and all-gathered, one collective per shape and step; the ranks update
+    similar shares and end with identical weights, the ones one process computes."""
     import os
     import subprocess
     import sys
 
-    from muon_ranks import run
+    from muon_ranks import SHAPES, STEPS, run
 
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
                           "tests/muon_ranks.py", str(tmp_path)], capture_output=True, text=True, timeout=300,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     alone = run()
-    for rank in range(3):
-        ranked = torch.load(tmp_path / f"rank{rank}.pt")
-        assert len(ranked) == len(alone) and all(torch.equal(a, b) for a, b in zip(ranked, alone)), rank
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(3)]
+    for rank, saved in enumerate(ranks):
+        assert len(saved["weights"]) == len(alone) == len(SHAPES), rank
+        for i, (a, b) in enumerate(zip(saved["weights"], alone)):
+            assert torch.equal(a, ranks[0]["weights"][i]), (rank, i)  # every rank the same, to the bit
+            torch.testing.assert_close(a, b)  # and one process's result (its stacks are taller)
+        # 7 shapes (5 muon, 1 sphere, 1 manifold_muon): one all-gather each per step, no other collective
+        collectives = {k: v for k, v in saved["counts"].items() if k != "matrices"}
+        assert collectives == {"all_gather_into_tensor": 7 * STEPS}, (rank, collectives)
+    shares = [saved["counts"].get("matrices", 0) for saved in ranks]  # 11 matrices a step: 4, 4, 3
+    assert sum(shares) == 11 * STEPS and max(shares) - min(shares) <= STEPS, shares
 
 
 def test_muon_ddp_matches_single_process(small_shards, tmp_path):
