@@ -91,16 +91,17 @@ class BackgroundSaver:
         if fsdp:  # written now; wait() hands on its outcome
             self.outcome = save_training_state(ckpt_dir, state, model, optimizer, keep, rank, world_size, writer,
                                                fsdp, volume)
+            self.stall_s = self.write_s = time.perf_counter() - t0
         else:
             state = {**state, "rng": rng_states(world_size)}
             self.outcome = (None, None)  # a rank that does not write has nothing to report
             if writer:  # the copy (and the room a failed save reports) taken now: the thread never sees the model
                 state, needed = cpu_copy(whole_state(state, model, optimizer)), state_bytes([model, optimizer])
+                self.stall_s, self.write_s = time.perf_counter() - t0, 0.0  # (the thread sets write_s)
                 self.thread = threading.Thread(target=self._write, args=(ckpt_dir, state, keep, volume, needed),
                                                name="checkpoint")
                 self.thread.start()
         self.step, self.world_size = step, world_size  # in flight (once it has started)
-        self.stall_s = self.write_s = time.perf_counter() - t0
         return previous
 
     def _write(self, ckpt_dir, state, keep, volume, needed):

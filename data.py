@@ -299,9 +299,11 @@ class Prefetcher:
         # between optimizer steps the loader can say where it is: that is where a resumed run reads on
         self.position = self.loader.state_dict() if self.loader.micro == 0 else None
         x, y = self.loader.next_batch()
-        if self.device.startswith("cuda"):  # from pageable memory a "non-blocking" copy waits for the GPU
+        cuda = self.device.startswith("cuda")
+        if cuda:  # from pageable memory a "non-blocking" copy waits for the GPU
             x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        # (non-blocking only on CUDA: MPS before torch 2.13 could copy from memory already freed)
+        return x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
 
     def next_batch(self):
         batch, self.held = self.held, self._fetch()

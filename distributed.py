@@ -421,7 +421,7 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
     headroom = torch.cuda.get_device_properties(device).total_memory // 20 if device_type == "cuda" else 0
 
     def fits(micro_batch):
-        model = optimizer = reserve = x = loss = None
+        model = step_model = optimizer = reserve = x = loss = None
         try:
             model = GPT(model_cfg).to(device)
             optimizer = build_optimizer(model, cfg, device_type)
@@ -439,7 +439,7 @@ def find_micro_batch(cfg, model_cfg, device, world_size):
         except torch.OutOfMemoryError:
             return False
         finally:
-            del model, optimizer, reserve, x, loss  # and the autograd graph an error left behind
+            del model, step_model, optimizer, reserve, x, loss  # and the autograd graph an error left behind
             if compiled:
                 torch._dynamo.reset()  # the compiled graphs hold on to this model's tensors
             gc.collect()

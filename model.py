@@ -554,9 +554,12 @@ def chunked_cross_entropy(x, w, targets, vocab_size, grads):
         if grads:  # d(mean loss)/d(logits) = (softmax − one-hot) / count, in place of the log-probabilities
             p = logp.exp_()
             p[torch.arange(len(tc), device=p.device), tc] -= 1
-            p.mul_((valid / count.clamp(min=1))[:, None])
-            grad_x[i:i + step] = p.to(w.dtype) @ w
-            grad_w += p.t().to(xc.dtype) @ xc
+            p.mul_(valid[:, None])
+            # ÷ count after the matmuls, in fp32: before them, fp16's would flush most of p to zero
+            grad_x[i:i + step] = (p.to(w.dtype) @ w).float() / count
+            grad_w += (p.t().to(xc.dtype) @ xc).float() / count
+            del p
+        del logp  # before the next chunk's logits: one chunk alive at a time
     return total, count, grad_x, grad_w
 
 
@@ -579,7 +582,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(x, w, targets, vocab_size):
     """F.cross_entropy(F.linear(x, w)[..., :vocab_size] in fp32, targets, ignore_index=-1), without the
-    logits: x (..., C), w (V, C), targets (...)."""
+    logits: x (..., C), w (V, C), targets (...): token ids below vocab_size, or -1 (ignored; unchecked,
+    as a check would wait for the GPU)."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return LinearCrossEntropy.apply(x, w, targets, vocab_size)

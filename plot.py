@@ -98,12 +98,19 @@ class BackgroundPlot:
         if self.child is not None and self.child.poll() is None:
             return False
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py")
-        self.child = subprocess.Popen([sys.executable, script, self.run_dir], stdout=subprocess.DEVNULL)
+        # its own session: a Ctrl-C meant for training does not reach it (the run finishes its own plot)
+        self.child = subprocess.Popen([sys.executable, script, self.run_dir], stdout=subprocess.DEVNULL,
+                                      start_new_session=True)
         return True
 
-    def wait(self):
+    def wait(self, timeout=120):
+        """Wait for the drawing in progress; one that hangs is killed (the run's end draws its own)."""
         if self.child is not None:
-            self.child.wait()
+            try:
+                self.child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
 
     def __enter__(self):
         return self

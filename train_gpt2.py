@@ -550,7 +550,7 @@ def run(cfg, model_cfg, rank, local_rank, world_size, device, stop, closing):
         # one all-reduce carries the loss and what every rank must agree on: stop now? save now?
         save_due = master and cfg.checkpoint_every_minutes > 0 and \
             time.time() - last_save > 60 * cfg.checkpoint_every_minutes
-        flags = torch.tensor([float(stop.requested is not None), float(save_due)]).to(device, non_blocking=True)
+        flags = torch.tensor([float(stop.requested is not None), float(save_due)]).to(device)
         sync = torch.cat([loss.view(1), flags])
         loss_sum, stop_now, save_now = all_reduce_sum(sync, world_size).tolist()  # waits for the GPU too
         dt = time.time() - t0

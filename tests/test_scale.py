@@ -25,7 +25,8 @@ def test_presets_have_gpt2s_parameter_counts(preset, published):
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 128, 128, 4, 50257), (6, 6, 384, 128, 2, 50257), (3, 8, 512, 256, 2, 4096),
-                                   (8, 4, 256, 256, 8, 512)])  # the last: activations are most of it
+                                   (8, 4, 256, 256, 8, 512),  # activations are most of it
+                                   (1, 2, 64, 256, 16, 50257)])  # 4 chunks of the loss: one alive at a time
 def test_memory_estimate_bounds_the_measured_peak(shape):
     """The estimate against what torch's MemTracker counts in a second training step (bf16 autocast, CPU):
     never below it, and not more than 30% above."""
