@@ -382,7 +382,8 @@ def train(cfg, model_cfg):
     rank, local_rank, world_size, device = setup_distributed(cfg)
     check_monitors(cfg)
     if cfg.find_micro_batch:
-        found, cfg = settle_micro_batch(cfg, model_cfg, rank, world_size, device)
+        with sdpa_order(cfg, device):  # searched with the attention kernels the run will use
+            found, cfg = settle_micro_batch(cfg, model_cfg, rank, world_size, device)
         if cfg is None:  # --find_micro_batch print: the search was the job
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
