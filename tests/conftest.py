@@ -125,3 +125,22 @@ def small_shards(tmp_path_factory, enc):
     write_shard(data_dir / "t_train_000001.bin", tokens[2000:3600])
     write_shard(data_dir / "t_train_000002.bin", tokens[3600:5400])
     return str(data_dir)
+
+
+class FullDisk:
+    """A file on a disk with room for `room` more bytes: writes past it fail as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room=1000):
+        self.f, self.used, self.room = f, 0, room
+
+    def write(self, b):
+        import errno
+
+        if self.used + len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.used += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+

@@ -12,7 +12,7 @@ import pytest
 import checkpoint
 import runlog
 from checkpoint import list_checkpoints, verify_checkpoint
-from conftest import ROOT
+from conftest import ROOT, FullDisk
 from test_train_gpt2 import events, losses_by_step, run_inprocess, tiny_args
 
 
@@ -26,22 +26,9 @@ def test_disk_full_mid_run_trains_on_then_stops_at_the_end(monkeypatch, small_sh
     ckpt_dir = tmp_path / "ckpt" / "full"
     real_init = checkpoint._HashingWriter.__init__
 
-    class FillingDisk:  # a file on a disk with room for 1000 more bytes
-        def __init__(self, f):
-            self.f, self.used = f, 0
-
-        def write(self, b):
-            if self.used + len(b) > 1000:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.used += len(b)
-            return self.f.write(b)
-
-        def flush(self):
-            self.f.flush()
-
     def disk_fills_after_the_first_checkpoint(self, f):
         full = any(n.endswith(".json") for n in os.listdir(ckpt_dir))  # step 2's is written: then no more room
-        real_init(self, FillingDisk(f) if full else f)
+        real_init(self, FullDisk(f) if full else f)
 
     monkeypatch.setattr(checkpoint._HashingWriter, "__init__", disk_fills_after_the_first_checkpoint)
     with pytest.raises(SystemExit) as e:  # step 4's save fails (training goes on), the final one stops the run

@@ -2,7 +2,6 @@
 save writes, holds the state as it was when save() returned, is atomic under a kill, reports its failure
 as the synchronous save does, and never overlaps another."""
 
-import errno
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ import torch
 import checkpoint
 from checkpoint import (BackgroundSaver, find_resume_checkpoint, latest_checkpoint, list_checkpoints,
                         save_training_state, verify_checkpoint)
-from conftest import ROOT
+from conftest import ROOT, FullDisk
 
 
 class Tied(torch.nn.Module):
@@ -166,19 +165,6 @@ def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint(tmp_p
 def disk_full_at(monkeypatch, full_step):
     """The disk is full (1000 bytes of room) while step `full_step` is saved."""
     real_init, real_save, now = checkpoint._HashingWriter.__init__, checkpoint.save_checkpoint, {}
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f, self.used = f, 0
-
-        def write(self, b):
-            if self.used + len(b) > 1000:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.used += len(b)
-            return self.f.write(b)
-
-        def flush(self):
-            self.f.flush()
 
     def save_checkpoint(ckpt_dir, state, keep, volume=None):
         now["step"] = state["step"]  # (one save at a time)
