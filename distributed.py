@@ -329,12 +329,14 @@ def estimate_memory(model_cfg, micro_batch_size, seq_len, world_size=1, device_t
 
 
 def loss_memory(model_cfg, tokens):
-    """Bytes the output layer and loss hold (model.linear_cross_entropy): 10 per logit of one chunk alive
-    at a time (bf16 logits, the fp32 copy the CPU's log_softmax makes, fp32 log-probabilities), the fp32 gradients of the features and of the output matrix, kept from the forward
-    for the backward, and autocast's bf16 copy of that matrix in the loss's matmuls (measured with
-    MemTracker, like estimate_memory)."""
+    """Bytes the output layer and loss hold (model.linear_cross_entropy): 6 per logit of the one chunk
+    buffer (bf16 logits and fp32 log-probabilities), 8 per feature of a chunk (its bf16 copies and its
+    rows of the gradient before they are stored), the fp32 gradient of the features, and 8 per weight of
+    the output matrix (its fp32 gradient kept for the backward, a bf16 copy for the matmuls and a bf16
+    buffer for one chunk's share of its gradient). Measured with MemTracker, like estimate_memory."""
     V, C = model_cfg.padded_vocab_size, model_cfg.n_embd
-    return 10 * loss_chunk_rows(tokens, V) * V + 4 * tokens * C + 6 * V * C
+    chunk = loss_chunk_rows(tokens, V)
+    return 6 * chunk * V + 8 * chunk * C + 4 * tokens * C + 8 * V * C
 
 
 def device_memory(device):

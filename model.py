@@ -537,30 +537,41 @@ def chunked_cross_entropy(x, w, targets, vocab_size, grads):
     V columns. A chunk's logits live only inside its loop turn: the (N, V) fp32 logits and their gradient,
     many GiB at GPT-2's batch, never exist at once. Padded columns get -inf: they never take probability,
     and the loss reads a contiguous tensor (a slice [:, :vocab_size] of it is much slower on CPU)."""
+    # the matmuls' dtype: autocast's (cast here, as out= below is outside autocast's reach), else x's
+    dev = x.device.type
+    low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    w_low = w.to(low)
     count = (targets != -1).sum()
     total = torch.zeros((), device=x.device)
-    grad_x = torch.empty_like(x) if grads else None
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
     step = loss_chunk_rows(x.size(0), w.size(0))
+    # every chunk reuses the same buffers: on the CPU a fresh 200 MB tensor costs ~50 ms of page faults
+    z = torch.empty(step, w.size(0), dtype=low, device=x.device)  # logits, then the gradient in low
+    logp = z if low == torch.float32 else torch.empty(z.shape, device=x.device)  # fp32 log-probabilities
+    if grads:
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        grad_w_chunk = torch.empty(w.shape, dtype=low, device=w.device)
     for i in range(0, x.size(0), step):
-        xc, tc = x[i:i + step], targets[i:i + step]
-        z = xc @ w.t()  # (rows, V), in bf16 under autocast
-        z[:, vocab_size:] = float("-inf")
+        xc, tc = x[i:i + step].to(low), targets[i:i + step]
+        n = len(xc)
+        zc, logpc = z[:n], logp[:n]
+        torch.mm(xc, w_low.t(), out=zc)
+        zc[:, vocab_size:] = float("-inf")
         # in fp32, and more exact than logsumexp(z) − z[target] when the loss is near 0
-        logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
-        del z
+        torch.log_softmax(zc, dim=-1, dtype=torch.float32, out=logpc)
         valid, tc = tc != -1, tc.clamp(min=0)
-        total = total - (logp.gather(1, tc[:, None]).squeeze(1) * valid).sum()
-        if grads:  # d(mean loss)/d(logits) = (softmax − one-hot) / count, in place of the log-probabilities
-            p = logp.exp_()
-            p[torch.arange(len(tc), device=p.device), tc] -= 1
-            p.mul_(valid[:, None])
-            # ÷ count after the matmuls, in fp32: before them, fp16's would flush most of p to zero
-            grad_x[i:i + step] = (p.to(w.dtype) @ w).float() / count
-            grad_w += (p.t().to(xc.dtype) @ xc).float() / count
-            del p
-        del logp  # before the next chunk's logits: one chunk alive at a time
-    return total, count, grad_x, grad_w
+        total = total - (logpc.gather(1, tc[:, None]).squeeze(1) * valid).sum()
+        if grads:  # d(loss sum)/d(logits) = softmax − one-hot, in place of the log-probabilities
+            p = logpc.exp_()
+            p[torch.arange(n, device=p.device), tc] -= 1
+            p = zc.copy_(p)  # in low for the matmuls (a no-op in fp32, where zc is p)
+            # ignored rows masked on the small side of each matmul, not across p's V columns
+            grad_x[i:i + n] = (p @ w_low).float() * valid[:, None]
+            grad_w += torch.mm(p.t(), xc * valid[:, None].to(low), out=grad_w_chunk)
+    if not grads:
+        return total, count, None, None
+    # ÷ count after the matmuls, in fp32: before them, fp16's would flush most of p to zero
+    return total, count, grad_x.div_(count).to(x.dtype), grad_w.div_(count)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
