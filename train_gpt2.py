@@ -128,8 +128,10 @@ PRESETS = {
     # EDM2's magnitude-preserving network with the optimizer settings that go with it (section B)
     # (unit-RMS weight rows make the lr a relative step: it needs to be ~15x GPT-2's 6e-4, as EDM2's 1e-2)
     "edm2": {"mp": True, "beta2": 0.99, "weight_decay": 0.0, "lr_schedule": "inv_sqrt", "max_lr": 1e-2},
-    # nGPT as its paper trains it: rope, untied embeddings, no weight decay, no warmup (section C)
-    "ngpt": {"ngpt": True, "pos": "rope", "tie_embeddings": False, "weight_decay": 0.0, "warmup_steps": 0},
+    # nGPT as NVIDIA/ngpt trains it: rope, untied embeddings, no weight decay, no warmup, lr 15e-4 decayed to
+    # 0 (its train.py; section C)
+    "ngpt": {"ngpt": True, "pos": "rope", "tie_embeddings": False, "weight_decay": 0.0, "warmup_steps": 0,
+             "max_lr": 15e-4, "min_lr_frac": 0.0},
     "gpt-oss": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "n_kv_head": 4, "window": 128, "sinks": True,
                 "moe_experts": 8, "moe_topk": 2, "tie_embeddings": False},
     # the larger GPT-2s with llm.c's reproduction settings (scripts/run_gpt2_{350M,774M,1558M}.sh: lr, batch,
@@ -227,6 +229,9 @@ def check_settings(cfg, model_cfg):
         fail("--rope_scaling (YaRN) stretches a trained model's context at evaluation; train with 1")
     if cfg.lr_schedule not in ("cosine", "inv_sqrt"):
         fail(f"--lr_schedule {cfg.lr_schedule}: choose cosine or inv_sqrt")
+    if cfg.lr_schedule == "inv_sqrt" and not (cfg.lr_ref_steps or cfg.warmup_steps):
+        fail("--lr_schedule inv_sqrt with --warmup_steps 0 would decay from step 1 (max_lr/√step); "
+             "set --lr_ref_steps to the step where the decay should start")
     if cfg.parallelism not in ("ddp", "fsdp"):
         fail(f"--parallelism {cfg.parallelism}: choose ddp or fsdp")
     if cfg.optimizer not in ("adamw", *MATRIX_KINDS) or cfg.muon_scale not in ("keller", "moonlight"):

@@ -11,18 +11,20 @@ import torch.distributed as dist
 
 from optim import MatrixOptimizer
 
-# same-shape matrices share a stack: 4 muon (16, 32) (split 2-1-1 on 3 ranks), 2 manifold (8, 24) (a rank
-# with none), a batch of 3 experts stored (experts, in, out); the rest one of a shape
+# same-shape matrices share a stack: 4 muon (16, 32) and the k and v blocks of a GQA c_attn (64, 32) (q: 32 rows,
+# k and v 16 each; q joins the (32, 32)), 2 manifold (8, 24) (a rank with none), a batch of 3 experts stored
+# (experts, in, out); the rest one of a shape
 SHAPES = [(16, 32), (48, 16), (16, 32), (8, 8), (16, 32), (32, 32), (16, 32), (5,), (24, 8), (8, 24), (8, 24),
-          (3, 12, 8)]
+          (3, 12, 8), (64, 32)]
 STEPS = 3
 
 
 def run():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
-    params[-1].IN_OUT = True
-    opt = MatrixOptimizer([{"params": params[:7] + params[-1:], "kind": "muon", "weight_decay": 0.1},
+    params[11].IN_OUT = True
+    params[12].ROW_BLOCKS = (32, 16, 16)
+    opt = MatrixOptimizer([{"params": params[:7] + params[11:], "kind": "muon", "weight_decay": 0.1},
                            {"params": params[8:9], "kind": "sphere"},
                            {"params": params[9:11], "kind": "manifold_muon"},
                            {"params": params[7:8]}], lr=0.05)

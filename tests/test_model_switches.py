@@ -99,13 +99,47 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     assert gqa.transformer.h[0].attn.c_attn.weight.shape == (32 + 2 * 2 * 8, 32)
 
 
-def test_gqa_with_all_heads_is_mha_exactly():
+def attention_by_hand(attn, x, allowed):
+    """A layer's attention written out: q, k and v from c_attn's weights, each key/value head repeated
+    (repeat_interleave) for the n_head / n_kv_head query heads it serves, softmax over the keys
+    allowed[i][j] lets query i see, then c_proj."""
+    B, T, C = x.shape
+    H, H_kv, d = attn.n_head, attn.n_kv_head, C // attn.n_head
+    q, k, v = F.linear(x, attn.c_attn.weight, attn.c_attn.bias).split([C, H_kv * d, H_kv * d], dim=-1)
+    q = q.view(B, T, H, d).transpose(1, 2)
+    k, v = (t.view(B, T, H_kv, d).transpose(1, 2).repeat_interleave(H // H_kv, dim=1) for t in (k, v))
+    scores = (q @ k.mT / math.sqrt(d)).masked_fill(~torch.tensor(allowed), -math.inf)
+    return attn.c_proj((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C))
+
+
+IMPLS = [pytest.param("flex", marks=pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")),
+         "sdpa", "reference"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_gqa_layer_equals_mha_with_kv_heads_repeated_by_hand(impl, n_kv_head):
+    """4 query heads over fewer key/value heads: plain multi-head attention in which query head h uses
+    key/value head h // (4 / n_kv_head), built from the same weights."""
     torch.manual_seed(0)
-    a = GPT(small(n_kv_head=4))
-    b = GPT(small())
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 64, (1, 16))
-    assert torch.equal(a(x)[0], b(x)[0])
+    attn = GPT(small(n_kv_head=n_kv_head, attn_impl=impl)).transformer.h[0].attn
+    x = torch.randn(2, 16, 32)
+    causal = [[j <= i for j in range(16)] for i in range(16)]
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), attention_by_hand(attn, x, causal), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window", [1, 4, 15])  # T = 16: each window hides keys
+def test_windowed_layer_equals_a_hand_built_band(impl, window):
+    """A windowed (even) layer: query i sees key j iff i − window < j ≤ i, with GQA."""
+    torch.manual_seed(0)
+    attn = GPT(small(window=window, n_kv_head=2, attn_impl=impl)).transformer.h[0].attn
+    assert attn.window == window
+    x = torch.randn(2, 16, 32)
+    band = [[i - window < j <= i for j in range(16)] for i in range(16)]
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), attention_by_hand(attn, x, band), rtol=1e-5, atol=1e-5)
 
 
 def test_untied_embeddings_and_no_qkv_bias():
@@ -212,6 +246,7 @@ def test_sinks_absorb_attention():
 
 
 def test_window_of_sequence_length_is_causal_and_layers_alternate():
+    """A window of T or more is plain causal attention (below T: test_windowed_layer_equals_a_hand_built_band)."""
     torch.manual_seed(0)
     full = GPT(small())
     x = torch.randint(0, 64, (2, 16))

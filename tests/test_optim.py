@@ -99,19 +99,20 @@ def test_state_dict_resumes_exactly():
 def test_stacked_step_equals_one_matrix_at_a_time(per_call, monkeypatch):
     """A group's same-shape matrices go through batched calls; the same matrices each in a group of its
     own (a stack of one, as before stacking) end with the same weights and momentum, for every kind, tall
-    and wide, and a batch of experts stored (experts, in, out)."""
+    and wide, a batch of experts stored (experts, in, out), and a GQA c_attn's q, k and v blocks."""
     import optim
 
     if per_call:
         monkeypatch.setattr(optim, "matrices_per_call", lambda shape, device_type: per_call)
-    shapes = [(16, 32), (48, 16), (16, 32), (48, 16), (16, 32), (2, 12, 8), (2, 12, 8)]
+    shapes = [(16, 32), (48, 16), (16, 32), (48, 16), (16, 32), (2, 12, 8), (2, 12, 8), (64, 32)]
     for kind in MATRIX_KINDS:
         runs = []
         for stacked in (True, False):
             torch.manual_seed(0)
             params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-            for p in params[5:]:
+            for p in params[5:7]:
                 p.IN_OUT = True
+            params[7].ROW_BLOCKS = (32, 16, 16)
             hyper = {"kind": kind, "weight_decay": 0.1}
             groups = [{"params": params, **hyper}] if stacked else [{"params": [p], **hyper} for p in params]
             opt = MatrixOptimizer(groups, lr=0.05, momentum=0.9, dual_steps=2)
@@ -168,6 +169,170 @@ def test_muon_step_by_hand():
     U, _, Vh = torch.linalg.svd(updates[1], full_matrices=False)
     step2 = newton_schulz(updates[1])
     assert (step2 * (U @ Vh)).sum() / (step2.norm() * (U @ Vh).norm()) > 0.95
+
+
+@pytest.fixture
+def fp32_newton_schulz(monkeypatch):
+    """Newton–Schulz in fp32, ours and torch.optim.Muon's (which casts to bf16 by name), so the two can agree
+    to float precision: in bf16 their different rounding alone differs by ~2% after a few steps."""
+    import functools
+
+    import optim
+    import torch.optim._muon as torch_muon
+
+    class Fp32Torch:
+        bfloat16 = torch.float32
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    monkeypatch.setattr(torch_muon, "torch", Fp32Torch())
+    monkeypatch.setattr(optim, "newton_schulz", functools.partial(newton_schulz, dtype=torch.float32))
+
+
+TORCH_SCALE = {"keller": "original", "moonlight": "match_rms_adamw"}  # torch.optim.Muon's adjust_lr_fn
+
+
+@pytest.mark.parametrize("scale", ["keller", "moonlight"])
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32), (2, 16, 48)])  # tall, wide, square, experts
+def test_muon_equals_torch_muon(shape, scale, fp32_newton_schulz):
+    """Three steps of ours against torch.optim.Muon: Keller's coefficients, momentum 0.95, Nesterov, decoupled
+    weight decay, either scaling rule. torch keeps an EMA of the gradients where we keep their sum: the
+    same direction, which Newton–Schulz normalises away. (2, 16, 48) is a batch of experts stored
+    (experts, in, out): torch steps each expert's (out, in) = (48, 16) matrix, a tall one, so a scale taken
+    from the stored orientation (wide, keller 1 instead of √3) fails here."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(shape, generator=g)
+    grads = [torch.randn(shape, generator=g) for _ in range(3)]
+    experts = len(shape) == 3
+    out_in = (lambda t: list(t.mT)) if experts else (lambda t: [t])  # what torch sees: 2-D (out, in) matrices
+    p = torch.nn.Parameter(w0.clone())
+    p.IN_OUT = experts
+    ours = MatrixOptimizer([{"params": [p], "kind": "muon", "weight_decay": 0.1}], lr=0.05, scale=scale)
+    refs = [torch.nn.Parameter(w.clone()) for w in out_in(w0)]
+    torch_opt = torch.optim.Muon(refs, lr=0.05, weight_decay=0.1, momentum=0.95, nesterov=True,
+                                 adjust_lr_fn=TORCH_SCALE[scale])
+    for grad in grads:
+        p.grad = grad.clone()
+        for q, gq in zip(refs, out_in(grad)):
+            q.grad = gq.clone()
+        ours.step()
+        torch_opt.step()
+    for w, q in zip(out_in(p.detach()), refs):
+        torch.testing.assert_close(w, q.detach(), rtol=0, atol=2e-6)
+
+
+def test_muon_in_bf16_is_close_to_torch_muon():
+    """The default, bf16 Newton–Schulz on both sides: the same update up to rounding (measured ~2%)."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(48, 16, generator=g)
+    p, q = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ours = MatrixOptimizer([{"params": [p], "kind": "muon"}], lr=0.05)
+    ref = torch.optim.Muon([q], lr=0.05, weight_decay=0.0, adjust_lr_fn="original")
+    for _ in range(3):
+        p.grad = torch.randn(48, 16, generator=g)
+        q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    assert ((p - q).norm() / (q - w0).norm()).item() < 0.05
+
+
+def gqa_model(n_head=4, n_kv_head=2, n_embd=32):
+    from model import GPT, GPTConfig
+
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd))
+
+
+@pytest.mark.parametrize("scale", ["keller", "moonlight"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])  # (n_head, n_kv_head): MHA, GQA, MQA
+def test_muon_orthogonalises_q_k_and_v_apart(heads, scale, fp32_newton_schulz):
+    """c_attn's update is the row-concatenation of q's, k's and v's, each stepped by torch.optim.Muon as a
+    matrix of its own (its own Newton–Schulz, its own shape's scale); with GQA k and v have fewer rows.
+    Fused, keller would scale the whole tall matrix by √(rows/32), moonlight by 0.2·√rows."""
+    from optim import build_optimizer
+    from train_gpt2 import parse_args
+
+    n_head, n_kv_head = heads
+    model = gqa_model(n_head, n_kv_head)
+    cfg = parse_args(["--optimizer", "muon", "--muon_scale", scale])[0]
+    opt = build_optimizer(model, cfg, "cpu")
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    (group,) = [g for g in opt.param_groups if any(p is c_attn for p in g["params"])]
+    group["lr"] = 0.05
+    rows = [32, 8 * n_kv_head, 8 * n_kv_head]  # head_dim 8
+    blocks = [torch.nn.Parameter(b.detach().clone()) for b in c_attn.split(rows)]
+    ref = torch.optim.Muon(blocks, lr=0.05, weight_decay=group["weight_decay"], adjust_lr_fn=TORCH_SCALE[scale])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        for b, gb in zip(blocks, c_attn.grad.split(rows)):
+            b.grad = gb.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(c_attn.detach(), torch.cat([b.detach() for b in blocks]), rtol=0, atol=2e-6)
+
+
+def keller_newton_schulz(G, steps=5, eps=1e-7):
+    """Keller Jordan's zeropower_via_newtonschulz5 (KellerJordan/Muon, muon.py) for one matrix, in bf16."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16()
+    if G.size(0) > G.size(1):
+        X = X.T
+    X = X / (X.norm() + eps)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if G.size(0) > G.size(1) else X).float()
+
+
+def test_split_gives_q_k_and_v_updates_of_one_size():
+    """The issue's figure, n_embd 256: with ‖G_q‖/‖G_v‖ = ‖G_k‖/‖G_v‖ = 0.01, Newton–Schulz on the fused
+    (768, 256) matrix (keller's √3) gives q and k updates of RMS ~0.0066 and v's 0.098: v's gradient takes
+    the spectrum. Muon's update instead has the RMS of one orthogonalised (256, 256) block, ~0.057, in each."""
+    from optim import build_optimizer
+    from train_gpt2 import parse_args
+
+    model = gqa_model(n_head=4, n_kv_head=4, n_embd=256)
+    opt = build_optimizer(model, parse_args(["--optimizer", "muon"])[0], "cpu")
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    g = torch.Generator().manual_seed(0)
+    G = torch.cat([0.01 * torch.randn(256, 256, generator=g), 0.01 * torch.randn(256, 256, generator=g),
+                   torch.randn(256, 256, generator=g)])
+    for group in opt.param_groups:
+        group["lr"] = 1.0
+    c_attn.grad = G.clone()
+    before = c_attn.detach().clone()
+    opt.step()
+    rms = [u.pow(2).mean().sqrt().item() for u in (before - c_attn.detach()).split(256)]
+    assert rms == pytest.approx([0.057] * 3, abs=0.002)
+    fused = [u.pow(2).mean().sqrt().item() for u in (3 ** 0.5 * keller_newton_schulz(G)).split(256)]
+    assert fused == pytest.approx([0.0066, 0.0066, 0.098], abs=0.001)
+
+
+@pytest.mark.parametrize("kind", MATRIX_KINDS)
+def test_fused_blocks_step_as_separate_matrices(kind):
+    """A weight with ROW_BLOCKS (GQA's c_attn: 32, 16 and 16 rows) ends as three separate weights do: for muon
+    and manifold_muon each block has its own Newton–Schulz / Stiefel manifold (each block's singular
+    values at its own scale, the whole's not); for sphere, row by row, splitting changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 32, generator=g)
+    fused = torch.nn.Parameter(w0.clone())
+    fused.ROW_BLOCKS = (32, 16, 16)
+    apart = [torch.nn.Parameter(b.clone()) for b in w0.split([32, 16, 16])]
+    opts = [MatrixOptimizer([{"params": ps, "kind": kind, "weight_decay": 0.1}], lr=0.05, dual_steps=2)
+            for ps in ([fused], apart)]
+    for _ in range(3):
+        fused.grad = torch.randn(64, 32, generator=g)
+        for b, gb in zip(apart, fused.grad.split([32, 16, 16])):
+            b.grad = gb.clone()
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(fused.detach(), torch.cat([b.detach() for b in apart]))
+    if kind == "manifold_muon":
+        for b in fused.detach().split([32, 16, 16]):
+            assert (torch.linalg.svdvals(b) - 1).abs().max() < 5e-3
+        assert (torch.linalg.svdvals(fused.detach()) - stiefel_scale((64, 32))).abs().max() > 0.1
 
 
 MUON = ["--optimizer", "muon", "--matrix_lr", "0.05"]
@@ -245,9 +410,10 @@ def test_muon_trains_resumes_and_prints_its_groups(small_shards, tmp_path, capsy
 
 
 def test_matrix_work_split_across_ranks_is_exact(tmp_path):
-    """Identical gradients on 3 ranks: each shape's stack of muon/sphere/manifold_muon matrices is split
-    (one rank with none of a shape) and all-gathered, one collective per shape and step; the ranks update
-    similar shares and end with identical weights, the ones one process computes."""
+    """Identical gradients on 3 ranks: each shape's stack of muon/sphere/manifold_muon matrices (a fused
+    c_attn's blocks among them) is split (one rank with none of a shape) and all-gathered, one collective
+    per shape and step; the ranks update similar shares and end with identical weights, the ones one
+    process computes."""
     import os
     import subprocess
     import sys
@@ -268,8 +434,8 @@ def test_matrix_work_split_across_ranks_is_exact(tmp_path):
         # 7 shapes (5 muon, 1 sphere, 1 manifold_muon): one all-gather each per step, no other collective
         collectives = {k: v for k, v in saved["counts"].items() if k != "matrices"}
         assert collectives == {"all_gather_into_tensor": 7 * STEPS}, (rank, collectives)
-    shares = [saved["counts"].get("matrices", 0) for saved in ranks]  # 11 matrices a step: 4, 4, 3
-    assert sum(shares) == 11 * STEPS and max(shares) - min(shares) <= STEPS, shares
+    shares = [saved["counts"].get("matrices", 0) for saved in ranks]  # 14 matrices a step (c_attn is 3): 5, 5, 4
+    assert sum(shares) == 14 * STEPS and max(shares) - min(shares) <= STEPS, shares
 
 
 def test_muon_ddp_matches_single_process(small_shards, tmp_path):

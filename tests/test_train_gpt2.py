@@ -142,6 +142,15 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_inv_sqrt_without_warmup_needs_a_reference_step(tmp_path):
+    """inv_sqrt decays from lr_ref_steps, by default warmup_steps: with neither, it would start at step 1."""
+    argv = tiny_args(tmp_path, str(tmp_path / "nope"), "x", "--lr_schedule", "inv_sqrt", "--warmup_steps", "0")
+    with pytest.raises(SystemExit, match=r"inv_sqrt with --warmup_steps 0 .* set --lr_ref_steps"):
+        run_inprocess(argv)
+    with pytest.raises(SystemExit, match="make shards first"):  # with it, the run gets as far as its data
+        run_inprocess([*argv, "--lr_ref_steps", "100"])
+
+
 def test_missing_data_dir(tmp_path):
     with pytest.raises(SystemExit, match="does not exist; make shards first: python fineweb_edu.py"):
         run_inprocess(tiny_args(tmp_path, str(tmp_path / "nope"), "x"))
