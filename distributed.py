@@ -197,6 +197,14 @@ def autocast_for(device_type, ptdtype):
     return torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 
 
+def default_autocast_dtype(device):
+    """For evaluation and sampling: bfloat16 on GPUs that have fast bf16 (Ampere, compute capability 8.0,
+    and later); else None (fp32)."""
+    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return None
+
+
 def peak_flops_per_device(cfg, device_type):
     if cfg.peak_flops:
         return cfg.peak_flops

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from checkpoint import load_model
 from data import EOT, atomic_write, gpt2_tokenizer
-from distributed import default_device
+from distributed import default_autocast_dtype, default_device
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hellaswag")
@@ -208,13 +208,6 @@ def evaluate(model, examples, *, device, batch_size=16, rank=0, world_size=1, au
 
 # ---------------------------------------------------------------------------
 # Command line
-
-
-def default_autocast_dtype(device):
-    """bfloat16 on GPUs that have fast bf16 (Ampere, compute capability 8.0, and later); else fp32."""
-    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return torch.bfloat16
-    return None
 
 
 def main(argv=None):

@@ -343,9 +343,51 @@ def kernel_saves_scores(kernel, device_type, window=0, sinks=False, compiled=Tru
     return kernel == "sdpa" and (sinks or (bool(window) and device_type != "cpu"))
 
 
+class KVCache:
+    """What GPT.generate keeps between steps: every layer's keys and values so far, as attention uses
+    them (normalised, rotated to their absolute positions, scaled), so that a step runs only its new
+    token through the model instead of the whole sequence. Each layer's buffers hold max_len positions
+    (block_size: generate never caches more) and are allocated at its first step, in the dtype its keys
+    come in (autocast's)."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.pos = 0  # tokens cached so far: the absolute position of the next one (GPT.features moves it)
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v):
+        """Store the new tokens' k, v (B, H_kv, T, head_dim) at positions pos, pos+1, ... and return the
+        layer's keys and values of every token so far, theirs last (views of the buffers)."""
+        if self.k[layer] is None:
+            B, H, _, d = k.shape
+            self.k[layer], self.v[layer] = (t.new_empty(B, H, self.max_len, d) for t in (k, v))
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end], self.v[layer][:, :, self.pos:end] = k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def cached_attention(q, k, v, window=0, sinks=None):
+    """A decode step's attention: the newest token's query q (B, H, 1, d) over the keys and values of
+    every token so far, its own last (k, v (B, H_kv, L, d), from KVCache.update). All of them are in
+    its past, so causality needs no mask; a window, by visible()'s rule (a query sees itself and the
+    window - 1 tokens before it), keeps the last `window` keys. The sink joins the softmax as in
+    sdpa_attention: one more key, of value zero, whose logit is S_h. SDPA whatever attn_impl says: a
+    single query has no tiles for FlexAttention to skip, and nothing here is kept for a backward."""
+    if window:
+        k, v = k[:, :, -window:], v[:, :, -window:]
+    gqa = k.size(1) != q.size(1)
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    H, L = q.size(1), k.size(2)
+    mask = torch.cat([q.new_zeros(H, 1, L), sinks.to(q.dtype).view(H, 1, 1)], dim=-1)
+    k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))  # the sink's key and value: zeros
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, window=0):
+    def __init__(self, config, window=0, layer=0):
         super().__init__()
+        self.layer = layer  # this layer's slot in a KVCache
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_dim = config.n_embd // config.n_head
         self.window, self.attn_impl, self.mp = window, config.attn_impl, config.mp
@@ -377,7 +419,9 @@ class CausalSelfAttention(nn.Module):
         return kernel_saves_scores(self.kernel(device_type, T), device_type, self.effective_window(T),
                                    self.sinks is not None, compiled)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """x (B, T, C). With a KVCache (generate), x holds the tokens after the cache.pos cached ones:
+        the whole prompt at the first step (cache.pos 0), then one token per step."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
         # (B, T, heads·head_dim) -> (B, heads, T, head_dim)
@@ -386,15 +430,25 @@ class CausalSelfAttention(nn.Module):
         if self.mp:  # unit-RMS q and k per head bound the logits (EDM2 normalises them, too)
             q, k = normalize(q), normalize(k)
         if self.rope_cos is not None:
-            q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+            cos, sin = self.rope_cos, self.rope_sin
+            if cache is not None:  # the new tokens sit at positions cache.pos, cache.pos + 1, ...
+                cos, sin = cos[cache.pos:], sin[cache.pos:]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.s_qk is not None:
             # nGPT: q·k is a cosine, times s_qk² and the softmax scale √head_dim (not 1/√head_dim): q is
             # multiplied by head_dim, and attention's own 1/√head_dim leaves √head_dim
             s_qk = self.s_qk()
             q, k = unit(q) * (s_qk * self.head_dim), unit(k) * s_qk
-        eager_inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        kernel = self.kernel(q.device.type, T, eager_inference)
-        y = ATTENTION[kernel](q, k, v, self.effective_window(T), self.sinks)
+        if cache is not None and cache.pos:  # a decode step: one new token over every cached key, its own included
+            assert T == 1, "after the prompt, a KVCache step takes one token"
+            k, v = cache.update(self.layer, k, v)
+            y = cached_attention(q, k, v, self.window, self.sinks)
+        else:
+            if cache is not None:  # the prompt: keep its keys and values, and attend exactly as without a cache
+                cache.update(self.layer, k, v)
+            eager_inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            kernel = self.kernel(q.device.type, T, eager_inference)
+            y = ATTENTION[kernel](q, k, v, self.effective_window(T), self.sinks)
         if self.mp:  # an average of values is shorter than each of them: bring every head back to unit RMS
             y = normalize(y)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -487,7 +541,7 @@ class Block(nn.Module):
         super().__init__()
         windowed = config.window and layer % config.window_every == 0
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, window=config.window if windowed else 0)
+        self.attn = CausalSelfAttention(config, window=config.window if windowed else 0, layer=layer)
         self.ln_2 = nn.Identity() if config.mp else make_norm(config)
         self.mlp = MoE(config) if config.moe_experts else MLP(config)
         self.mp_t = config.mp_t if config.mp else None
@@ -496,27 +550,205 @@ class Block(nn.Module):
             self.alpha_mlp = ScaledVector(config.n_embd, 0.05, config.n_embd ** -0.5)
         self.ngpt = config.ngpt
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """cache: generate's KVCache (see CausalSelfAttention.forward), or None."""
         if self.ngpt:
             # nGPT: x is a point on the sphere; each branch's output, normalised, is a target point, and
             # x moves a learned fraction alpha of the way there, back onto the sphere
-            x = unit(x + self.alpha_attn() * (unit(self.attn(x)) - x))
+            x = unit(x + self.alpha_attn() * (unit(self.attn(x, cache)) - x))
             return unit(x + self.alpha_mlp() * (unit(self.mlp(x)) - x))
         if self.mp_t is not None:
             # EDM2's encoder block: the main path itself is brought to unit RMS (ln_1 is parameter-free
             # here), then every branch output and every sum is unit-RMS by construction. Without it,
             # tokens grow correlated with depth and the sums drift below 1 (~5% by layer 12).
             x = self.ln_1(x)
-            x = mp_sum(x, self.attn(x), self.mp_t)
+            x = mp_sum(x, self.attn(x, cache), self.mp_t)
             return mp_sum(x, self.mlp(x), self.mp_t)
         # pre-norm residual stream (GPT-2 moved the LayerNorms to the block inputs)
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
+# ---------------------------------------------------------------------------
+# Hugging Face's names and shapes, for GPT.from_pretrained and GPT.hf_model
+
 # Hugging Face stores these as Conv1D, i.e. (in_features, out_features): transpose on import/export.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# our names in block i -> transformers' GptOssForCausalLM's in model.layers.{i}. Both keep the experts' weights as
+# (in, out) and gate/up interleaved (gate = even columns), as gpt-oss does; c_attn splits into q/k/v_proj, and a
+# dense SwiGLU travels as a mixture of one expert (gpt_oss_state_dict)
+GPT_OSS_NAMES = {
+    "ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight", "attn.c_proj.bias": "self_attn.o_proj.bias",
+    "attn.sinks": "self_attn.sinks", "mlp.router.weight": "mlp.router.weight", "mlp.router.bias": "mlp.router.bias",
+    "mlp.w_fc": "mlp.experts.gate_up_proj", "mlp.fc_bias": "mlp.experts.gate_up_proj_bias",
+    "mlp.w_proj": "mlp.experts.down_proj", "mlp.proj_bias": "mlp.experts.down_proj_bias",
+}
+GPT_OSS_FAMILY = (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu"))
+
+
+def yarn_problem(head_dim, trained_len, theta):
+    """Why transformers' YaRN would turn pairs differently from rope_cache's (None if it would not): it clamps
+    the ramp between full and slowed speed to pairs 0 .. head_dim - 1, which rope_cache does not (and gpt-oss's
+    reference asserts 0 < start < end < head_dim/2 - 1)."""
+    start, end = (head_dim / 2 * math.log(trained_len / (turns * 2 * math.pi)) / math.log(theta) for turns in (32, 1))
+    if start < 0 or end > head_dim - 1:
+        return (f"YaRN over {trained_len:g} trained tokens (block_size / rope_scaling) puts its ramp at pairs "
+                f"{start:.2f}..{end:.2f}, outside 0..{head_dim - 1}, where transformers clamps it")
+    return None
+
+
+def hf_refusal(cfg):
+    """Why no transformers class computes this model's logits, or None: GPT-2 fits GPT2LMHeadModel, the gpt-oss
+    family (RMSNorm, RoPE, the clamped SwiGLU or its experts, any window, sinks, GQA, tying) GptOssForCausalLM."""
+    if cfg.mp or cfg.ngpt:
+        what = "EDM2's magnitude-preserving layers (--mp)" if cfg.mp else "nGPT's normalised transformer (--ngpt)"
+        return f"{what} have no transformers class"
+    if cfg.is_gpt2:
+        return None
+    off = [(k, v) for k, v in GPT_OSS_FAMILY if getattr(cfg, k) != v]
+    if off:
+        return ("GPT2LMHeadModel holds only GPT-2 (every gpt-oss switch off) and GptOssForCausalLM needs "
+                + ", ".join(f"--{k} {v} (this model: {getattr(cfg, k)})" for k, v in off))
+    if cfg.n_embd % 8:
+        return f"transformers runs experts as grouped matmuls, whose rows need n_embd a multiple of 8, not {cfg.n_embd}"
+    if cfg.rope_scaling > 1:
+        return yarn_problem(cfg.n_embd // cfg.n_head, cfg.block_size / cfg.rope_scaling, cfg.rope_theta)
+    return None
+
+
+def gpt_oss_width(cfg):
+    """The experts' width in GptOssForCausalLM: a dense SwiGLU's rounded up to a multiple of 8 for transformers'
+    grouped matmuls, with zero units (gate 0 gives swish(0)·(up + 1) = 0, and their output rows are zero)."""
+    return cfg.expert_hidden if cfg.moe_experts else math.ceil((cfg.mlp_hidden or 8 * cfg.n_embd // 3) / 8) * 8
+
+
+def gpt_oss_config(cfg):
+    """transformers' GptOssConfig for a gpt-oss-family GPTConfig (see hf_refusal)."""
+    from transformers import GptOssConfig
+
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling > 1:  # rope_cache's YaRN: trained on block_size / rope_scaling tokens, β 32, α 1, unrounded
+        trained = cfg.block_size / cfg.rope_scaling
+        rope.update(rope_type="yarn", factor=cfg.rope_scaling, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                    original_max_position_embeddings=int(trained) if trained.is_integer() else trained)
+    eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>
+    return GptOssConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, head_dim=cfg.n_embd // cfg.n_head,
+        intermediate_size=gpt_oss_width(cfg),
+        num_local_experts=cfg.moe_experts or 1, num_experts_per_tok=cfg.moe_topk if cfg.moe_experts else 1,
+        layer_types=["sliding_attention" if cfg.window and i % cfg.window_every == 0 else "full_attention"
+                     for i in range(cfg.n_layer)],
+        sliding_window=cfg.window or cfg.block_size,  # transformers needs one even where no layer slides
+        max_position_embeddings=cfg.block_size, rope_parameters=rope, rms_norm_eps=1e-5,
+        attention_bias=True,  # q, k, v and o_proj alike: without qkv_bias ours go as zero q, k, v biases
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot, eos_token_id=eot)
+
+
+def gpt_oss_state_dict(model):
+    """model's weights under GptOssForCausalLM's names (fp32, the vocabulary padding dropped)."""
+    cfg, V = model.config, model.config.vocab_size
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    q, kv = cfg.n_embd, cfg.kv_heads * (cfg.n_embd // cfg.n_head)
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"][:V],
+           "model.norm.weight": sd["transformer.ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][:V]
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        layer = {k.split(".", 3)[3]: v for k, v in sd.items() if k.startswith(f"transformer.h.{i}.")}
+        w = layer.pop("attn.c_attn.weight")
+        b = layer.pop("attn.c_attn.bias", torch.zeros(len(w)))
+        for name, w_, b_ in zip("qkv", w.split([q, kv, kv]), b.split([q, kv, kv])):
+            out[f"{p}self_attn.{name}_proj.weight"], out[f"{p}self_attn.{name}_proj.bias"] = w_, b_
+        # no sinks: a sink logit of -inf takes no probability, and the softmax is over the keys alone
+        layer.setdefault("attn.sinks", torch.full((cfg.n_head,), -math.inf))
+        if not cfg.moe_experts:  # one expert, chosen by every token with weight softmax([router logit]) = 1
+            extra = gpt_oss_width(cfg) - layer["mlp.c_proj.weight"].size(1)  # zero units, see gpt_oss_width
+            layer.update({"mlp.w_fc": F.pad(layer.pop("mlp.c_fc.weight").t(), (0, 2 * extra))[None],
+                          "mlp.fc_bias": F.pad(layer.pop("mlp.c_fc.bias"), (0, 2 * extra))[None],
+                          "mlp.w_proj": F.pad(layer.pop("mlp.c_proj.weight").t(), (0, 0, 0, extra))[None],
+                          "mlp.proj_bias": layer.pop("mlp.c_proj.bias")[None],
+                          "mlp.router.weight": torch.zeros(1, cfg.n_embd), "mlp.router.bias": torch.zeros(1)})
+        out.update({p + GPT_OSS_NAMES[k]: v for k, v in layer.items()})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def gpt_oss_fields(c, where):
+    """GPTConfig fields (all but sinks, which the weights decide) for transformers' GptOssConfig c; ValueError
+    naming what GPTConfig cannot represent."""
+    def refuse(why):
+        raise ValueError(f"{where}: {why}; GPTConfig cannot represent that")
+
+    n, C, H, E, k = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
+    if c.head_dim * c.num_attention_heads != C:
+        refuse(f"head_dim {c.head_dim} x {c.num_attention_heads} heads is not hidden_size {C}")
+    if c.rms_norm_eps != 1e-5 or (getattr(c, "swiglu_alpha", 1.702), getattr(c, "swiglu_limit", 7.0)) != (1.702, 7.0):
+        refuse(f"rms_norm_eps {c.rms_norm_eps}, swiglu_alpha {getattr(c, 'swiglu_alpha', 1.702)}, swiglu_limit "
+               f"{getattr(c, 'swiglu_limit', 7.0)} differ from gpt-oss's 1e-05, 1.702, 7.0")
+    rope = {key: v for key, v in c.rope_parameters.items() if (key, v) != ("partial_rotary_factor", 1.0)}
+    theta, kind, factor = rope.pop("rope_theta"), rope.pop("rope_type", "default"), rope.pop("factor", 1.0)
+    trained = rope.pop("original_max_position_embeddings", None)
+    if kind == "yarn":
+        yarn = {"beta_fast": rope.pop("beta_fast", 32) or 32, "beta_slow": rope.pop("beta_slow", 1) or 1,
+                "truncate": rope.pop("truncate", True)}
+        if yarn != {"beta_fast": 32, "beta_slow": 1, "truncate": False} or any(v is not None for v in rope.values()):
+            refuse(f"YaRN with {yarn | rope} (ours: beta_fast 32, beta_slow 1, truncate False, nothing else)")
+        if factor != 1 and (factor < 1 or trained is None or factor * trained != c.max_position_embeddings):
+            refuse(f"YaRN factor {factor} x original_max_position_embeddings {trained} is not max_position_embeddings "
+                   f"{c.max_position_embeddings} (our YaRN is trained on block_size / rope_scaling tokens)")
+        if factor != 1 and (why := yarn_problem(c.head_dim, trained, theta)):
+            refuse(why)
+    elif kind not in ("default", "yarn") or any(v is not None for v in rope.values()):
+        refuse(f"rope {c.rope_parameters} (ours: plain RoPE or gpt-oss's YaRN)")
+    sliding = [t == "sliding_attention" for t in c.layer_types]
+    every = next((e for e in (2, *range(1, n + 1)) if sliding == [i % e == 0 for i in range(n)]), None)
+    if set(c.layer_types) - {"sliding_attention", "full_attention"} or (any(sliding) and every is None):
+        refuse(f"layer_types {c.layer_types} (ours: sliding on layers 0, e, 2e, ... for one window_every e)")
+    fields = dict(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=n,
+                  n_head=c.num_attention_heads, n_embd=C, norm="rmsnorm", pos="rope", rope_theta=theta,
+                  rope_scaling=float(factor), mlp="swiglu",
+                  n_kv_head=0 if c.num_key_value_heads == c.num_attention_heads else c.num_key_value_heads,
+                  qkv_bias=getattr(c, "attention_bias", True), window=c.sliding_window if any(sliding) else 0,
+                  window_every=every or 2, tie_embeddings=c.tie_word_embeddings)
+    if E > 1:
+        fields.update(moe_experts=E, moe_topk=k)
+    try:  # 0 where H is GPTConfig's default width
+        default_hidden = GPTConfig(**fields).expert_hidden if E > 1 else 8 * C // 3
+    except ValueError:
+        default_hidden = None
+    fields["mlp_hidden"] = 0 if H == default_hidden else H
+    return fields
+
+
+def from_gpt_oss_state_dict(sd, cfg):
+    """GptOssForCausalLM's weights sd under our names for cfg (the inverse of gpt_oss_state_dict)."""
+    pad = lambda w: F.pad(w, (0, 0, 0, cfg.padded_vocab_size - cfg.vocab_size))  # padded rows are zero
+    out = {"transformer.wte.weight": pad(sd["model.embed_tokens.weight"]),
+           "lm_head.weight": pad(sd.get("lm_head.weight", sd["model.embed_tokens.weight"])),  # or tied
+           "transformer.ln_f.weight": sd["model.norm.weight"]}
+    ours = {v: k for k, v in GPT_OSS_NAMES.items()}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        layer = {ours[k[len(p):]]: v for k, v in sd.items() if k.startswith(p) and k[len(p):] in ours}
+        layer["attn.c_attn.weight"] = torch.cat([sd[f"{p}self_attn.{n}_proj.weight"] for n in "qkv"])
+        if cfg.qkv_bias:
+            layer["attn.c_attn.bias"] = torch.cat([sd[f"{p}self_attn.{n}_proj.bias"] for n in "qkv"])
+        layer.setdefault("attn.c_proj.bias", torch.zeros(cfg.n_embd))  # attention_bias False: no o_proj bias
+        if not cfg.sinks:
+            del layer["attn.sinks"]
+        if not cfg.moe_experts:  # one expert: the router has nothing to choose
+            del layer["mlp.router.weight"], layer["mlp.router.bias"]
+            layer.update({"mlp.c_fc.weight": layer.pop("mlp.w_fc")[0].t(), "mlp.c_fc.bias": layer.pop("mlp.fc_bias")[0],
+                          "mlp.c_proj.weight": layer.pop("mlp.w_proj")[0].t(),
+                          "mlp.c_proj.bias": layer.pop("mlp.proj_bias")[0]})
+        out.update({f"transformer.h.{i}.{k}": v for k, v in layer.items()})
+    return out
+
+
 # ---------------------------------------------------------------------------
 # the loss: cross-entropy straight from the hidden states, a chunk of rows at a time
 
@@ -642,10 +874,11 @@ class GPT(nn.Module):
             nn.init.normal_(module.w_fc, mean=0.0, std=0.02)
             nn.init.normal_(module.w_proj, mean=0.0, std=residual_std)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """(logits, None) without targets; (None, the mean loss) with them (targets -1 are ignored): the loss
-        comes from the hidden states a chunk at a time, and the whole logits are never made."""
-        x = self.features(idx)
+        comes from the hidden states a chunk at a time, and the whole logits are never made. cache: a
+        KVCache, for generate (see features); training never passes one."""
+        x = self.features(idx, cache)
         if targets is None:
             return self.head(x), None
         loss = linear_cross_entropy(x, self.head_weight(), targets, self.config.vocab_size)
@@ -654,18 +887,24 @@ class GPT(nn.Module):
             loss = loss + self.config.moe_aux_loss * sum(aux) / len(aux)
         return None, loss
 
-    def features(self, idx):
-        """The final hidden states (B, T, n_embd): everything but the output layer."""
+    def features(self, idx, cache=None):
+        """The final hidden states (B, T, n_embd): everything but the output layer. With a KVCache, idx
+        holds only the tokens after the cache.pos cached ones: their positions start at cache.pos, they
+        attend to the cached keys too, and the cache keeps theirs for the next step."""
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
+        start = 0 if cache is None else cache.pos
+        assert start + T <= self.config.block_size, \
+            f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
         x = self.transformer.wte(idx)
         if self.config.pos == "learned":
-            pos = self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+            pos = self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
             x = mp_sum(normalize(x), normalize(pos), 0.5) if self.config.mp else x + pos
         elif self.config.mp:
             x = normalize(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
+        if cache is not None:
+            cache.pos += T  # every layer has stored these tokens' keys and values
         return self.transformer.ln_f(x)
 
     def head_weight(self):
@@ -780,13 +1019,33 @@ class GPT(nn.Module):
     # ---- sampling ----
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens sampled tokens. temperature=0 decodes greedily.
-        Pass a torch.Generator for reproducible samples that leave the global RNG untouched."""
+        Pass a torch.Generator for reproducible samples that leave the global RNG untouched.
+
+        With the KV cache (use_cache, the default) the prompt runs through the model once, then each step
+        feeds only the token just sampled, which attends to the cached keys and values of those before
+        it. Once the sequence outgrows block_size the context is its last block_size tokens, as without
+        the cache: every token's position then shifts at each step, which invalidates everything cached
+        (the keys, and the hidden states they came from), so each of those steps re-runs the cropped
+        context uncached. The tokens are those of use_cache=False, which re-runs the context every step."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, generator, use_cache))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """generate, a step at a time: yields each new token (B, 1) as soon as it is sampled, for a caller
+        that streams them (sample.py). A ValueError for bad arguments comes with the first token."""
         if idx.size(1) == 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("generate needs a non-empty prompt, temperature >= 0 and top_k >= 1 (or None)")
+        block_size = self.config.block_size
+        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])  # through forward: FSDP gathers the weights there
+            # always through forward (self(...)): FSDP gathers the weights there
+            if cache is not None and idx.size(1) <= block_size:
+                logits, _ = self(idx[:, cache.pos:], cache=cache)  # the whole prompt at first, then one token
+            else:
+                logits, _ = self(idx[:, -block_size:])
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
@@ -798,20 +1057,29 @@ class GPT(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, next_id), dim=1)
-        return idx
+            yield next_id
 
     # ---- Hugging Face import / export ----
 
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):
-        """Load GPT-2 weights from the HF hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local
-        folder written by save_pretrained (config.json + model.safetensors). overrides set other
-        GPTConfig fields, e.g. vocab_pad_multiple=64."""
+        """Load a transformers model with the same logits: GPT-2 from the HF hub (gpt2, gpt2-medium,
+        gpt2-large, gpt2-xl) or a GPT2LMHeadModel folder, or a GptOssForCausalLM folder (as export_hf.py
+        writes them) into the gpt-oss switches. overrides set GPTConfig fields the model leaves open, e.g.
+        vocab_pad_multiple=64."""
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(name_or_dir)
+        if hf_config.model_type == "gpt_oss":
+            return cls._from_gpt_oss(name_or_dir, hf_config, overrides)
+        if hf_config.model_type != "gpt2":
+            raise ValueError(f"{name_or_dir}: a {hf_config.model_type!r} model; from_pretrained loads GPT-2 "
+                             f"(GPT2LMHeadModel) and gpt-oss (GptOssForCausalLM) folders")
         from transformers import GPT2LMHeadModel
 
         if not GPTConfig(**overrides).is_gpt2:
             raise ValueError("from_pretrained loads GPT-2: leave the gpt-oss switches at their defaults")
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, config=hf_config)
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
@@ -838,39 +1106,74 @@ class GPT(nn.Module):
                 sd[k].copy_(v)
         return model
 
-    def save_pretrained(self, out_dir):
-        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads with the
-        same logits. Written to a temporary folder and renamed, so a crash never leaves half a model."""
-        from transformers import GPT2Config, GPT2LMHeadModel
+    @classmethod
+    def _from_gpt_oss(cls, name_or_dir, hf_config, overrides):
+        from transformers import GptOssForCausalLM
 
+        fields = gpt_oss_fields(hf_config, name_or_dir)  # refuses before the weights load
+        hf = GptOssForCausalLM.from_pretrained(name_or_dir, config=hf_config)
+        sd = {k: v.float() for k, v in hf.state_dict().items()}
+        # sink logits of -inf, as a model without sinks is exported, take no probability: no sinks
+        fields["sinks"] = not all(sd[f"model.layers.{i}.self_attn.sinks"].isneginf().all()
+                                  for i in range(hf_config.num_hidden_layers))
+        if clash := sorted(set(overrides) & set(fields)):
+            raise ValueError(f"{name_or_dir}: {', '.join(clash)} come from the model; override only other fields")
+        model = cls(GPTConfig(**fields, **overrides))
+        model.load_state_dict(from_gpt_oss_state_dict(sd, model.config))
+        return model
+
+    def hf_model(self):
+        """This model as a transformers model with the same logits: GPT2LMHeadModel for GPT-2, GptOssForCausalLM
+        for the gpt-oss family; a ValueError with the reason for any other (see hf_refusal)."""
         cfg = self.config
-        if not cfg.is_gpt2:
-            raise ValueError("only a GPT-2 (every gpt-oss switch at its default) fits transformers' GPT2LMHeadModel")
-        hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                               n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-                               tie_word_embeddings=True)
-        sd = {}
-        for k, v in self.state_dict().items():
-            if k == "lm_head.weight":
-                continue
-            v = v.detach().float().cpu()
-            if k.endswith(CONV1D_WEIGHTS):
-                v = v.t()
-            if k == "transformer.wte.weight":
-                v = v[: cfg.vocab_size]  # drop the padding rows
-            sd[k] = v.contiguous()
-        hf = GPT2LMHeadModel(hf_config)
+        if why := hf_refusal(cfg):
+            raise ValueError(f"cannot export to transformers: {why}")
+        if cfg.is_gpt2:
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                            n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                                            tie_word_embeddings=True))
+            sd = {}
+            for k, v in self.state_dict().items():
+                if k == "lm_head.weight":
+                    continue
+                v = v.detach().float().cpu()
+                if k.endswith(CONV1D_WEIGHTS):
+                    v = v.t()
+                if k == "transformer.wte.weight":
+                    v = v[: cfg.vocab_size]  # drop the padding rows
+                sd[k] = v.contiguous()
+        else:
+            from transformers import GptOssForCausalLM
+
+            hf, sd = GptOssForCausalLM(gpt_oss_config(cfg)), gpt_oss_state_dict(self)
         missing, unexpected = hf.load_state_dict(sd, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         hf.tie_weights()
+        gen = hf.generation_config
+        gen.pad_token_id = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
+        return hf.eval()
 
-        # write into a temporary folder beside out_dir, then move each file in: a crash never leaves half
-        # a model, and whatever else out_dir holds is left alone
+    def save_pretrained(self, out_dir, write_extra=None):
+        """Write a folder that transformers' AutoModelForCausalLM.from_pretrained(out_dir) loads with the same
+        logits (see hf_model). write_extra(folder), if given, adds files (the tokenizer) beside the model's.
+        Everything is written into a temporary folder inside out_dir, then each file moved in, config.json
+        last: a crash never leaves half a model, and whatever else out_dir holds is left alone."""
+        hf = self.hf_model()  # refuses before anything is written
+        created = not os.path.isdir(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
         try:
             hf.save_pretrained(tmp)
+            if write_extra is not None:
+                write_extra(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
             for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # the config last
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)  # transformers writes its weights 0600
                 os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if created and not os.listdir(out_dir):  # failed before any file was in: leave no folder either
+                os.rmdir(out_dir)

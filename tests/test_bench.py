@@ -35,3 +35,24 @@ def test_bench_optim_times_every_optimizer():
         # 100·0.05·(fb+s)/(fb+s)² = 5/(fb+s) points, plus 0.05 for the printed share's own rounding
         s = float(m.group(1))
         assert abs(float(m.group(2)) - 100 * s / (fb + s)) <= 5 / (fb + s) + 0.05 + 1e-9, (kind, out)
+
+
+def test_bench_generate_times_both_paths():
+    out = run_script("bench/bench_generate.py", "--n_layer", "2", "--n_head", "4", "--n_kv_head", "2", "--n_embd",
+                     "32", "--block_size", "32", "--vocab_size", "128", "--pos", "rope", "--sinks", "--window", "4",
+                     "--max_new_tokens", "12", "--batch_size", "2", "--device", "cpu").stdout
+    assert "4 heads (2 kv heads), vocab 128, block_size 32" in out, out
+    assert "2 × (8-token prompt + 12 new tokens)" in out
+    seconds = {}
+    for label in ("with cache", "without cache"):
+        m = re.search(rf"{label}\s+([\d,.]+) tokens/s \|\s+([\d.]+) ms/token \|\s+([\d.]+) s", out)
+        assert m, (label, out)
+        tokens_per_s, s = float(m.group(1).replace(",", "")), float(m.group(3))
+        # the figures agree, up to their printed rounding (±0.0005 s, ±0.05 tokens/s)
+        assert 24 / (s + 0.0005) - 0.05 <= tokens_per_s <= 24 / max(s - 0.0005, 1e-9) + 0.05, (label, out)
+        seconds[label] = s
+    speedup = float(re.search(r"cache speedup\s+([\d.]+)×", out).group(1))
+    with_cache, without = seconds["with cache"], seconds["without cache"]
+    assert (without - 0.0005) / (with_cache + 0.0005) - 0.005 <= speedup, out
+    assert speedup <= (without + 0.0005) / max(with_cache - 0.0005, 1e-9) + 0.005, out
+    assert re.search(r"same tokens\s+yes", out)  # fp32

@@ -3,7 +3,6 @@ import http.server
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys

@@ -1,10 +1,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ import torch
 import distributed
 import train_gpt2
 from conftest import ROOT, run_script
-from data import write_shard
 from model import GPT, GPTConfig
 from train_gpt2 import TrainConfig, get_lr, grad_accum_steps, parse_args
 
