@@ -208,6 +208,9 @@ def main(argv=None):
         allowed = {"lm_head.weight"} if model_config.tie_embeddings else set()
         if unexpected or not set(missing) <= allowed:
             fail(f"the EMA weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        # an average of unit-norm rows is shorter than 1, and nGPT's forward reads the norms as stored:
+        # back onto the sphere, as training leaves its weights after every step (a no-op without --ngpt/--mp)
+        model.renormalize_()
 
     if args.save is not None:
         if args.hf_out and not model_config.is_gpt2:

@@ -397,7 +397,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = make_linear(config, config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
         self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.sinks else None
-        self.s_qk = ScaledVector(self.head_dim, 1.0, config.n_embd ** -0.5) if config.ngpt else None
+        # nGPT's scale of q and k: one value per head and dimension (NVIDIA/ngpt's sqk, n_embd of them)
+        self.s_qk = ScaledVector(config.n_embd, 1.0, config.n_embd ** -0.5) if config.ngpt else None
         if config.pos == "rope":  # buffers, not parameters: recomputed, never saved
             cos, sin = rope_cache(self.head_dim, config.block_size, config.rope_theta, config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -435,10 +436,11 @@ class CausalSelfAttention(nn.Module):
                 cos, sin = cos[cache.pos:], sin[cache.pos:]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.s_qk is not None:
-            # nGPT: q·k is a cosine, times s_qk² and the softmax scale √head_dim (not 1/√head_dim): q is
-            # multiplied by head_dim, and attention's own 1/√head_dim leaves √head_dim
-            s_qk = self.s_qk()
-            q, k = unit(q) * (s_qk * self.head_dim), unit(k) * s_qk
+            # nGPT: q·k is a cosine weighted by s_qk² per dimension, times the softmax scale √head_dim (not
+            # 1/√head_dim). Both of NVIDIA's s_qk factors go on q, so GQA's shared k needs none; head_dim
+            # on q and attention's own 1/√head_dim leave √head_dim
+            s_qk = self.s_qk().view(self.n_head, 1, self.head_dim)
+            q, k = unit(q) * (s_qk.square() * self.head_dim), unit(k)
         if cache is not None and cache.pos:  # a decode step: one new token over every cached key, its own included
             assert T == 1, "after the prompt, a KVCache step takes one token"
             k, v = cache.update(self.layer, k, v)
@@ -555,8 +557,9 @@ class Block(nn.Module):
         if self.ngpt:
             # nGPT: x is a point on the sphere; each branch's output, normalised, is a target point, and
             # x moves a learned fraction alpha of the way there, back onto the sphere
-            x = unit(x + self.alpha_attn() * (unit(self.attn(x, cache)) - x))
-            return unit(x + self.alpha_mlp() * (unit(self.mlp(x)) - x))
+            # (|alpha|, as NVIDIA's code takes it: a step never points away from the target)
+            x = unit(x + self.alpha_attn().abs() * (unit(self.attn(x, cache)) - x))
+            return unit(x + self.alpha_mlp().abs() * (unit(self.mlp(x)) - x))
         if self.mp_t is not None:
             # EDM2's encoder block: the main path itself is brought to unit RMS (ln_1 is parameter-free
             # here), then every branch output and every sum is unit-RMS by construction. Without it,

@@ -156,6 +156,20 @@ def test_training_snapshots_resume_exactly_and_the_cli_sweeps(small_shards, tmp_
     assert not torch.equal(new4["transformer.h.0.mlp.c_fc.weight"], old4["transformer.h.0.mlp.c_fc.weight"])
 
 
+def test_ngpt_ema_is_put_back_on_the_sphere(small_shards, tmp_path):
+    """nGPT's forward reads its weights' norms as stored: the averaged weights, whose unit rows average to
+    shorter ones, are renormalised before they are evaluated or saved."""
+    run_inprocess(tiny_args(tmp_path, small_shards, "ngpt", "--preset", "ngpt", "--max_lr", "1e-1", *EMA_FLAGS))
+    ckpt = tmp_path / "ckpt" / "ngpt"
+    averaged = ema.reconstruct(ema.list_snapshots(ckpt / "ema"), [0.1])[0]["transformer.wte.weight"]
+    assert averaged.norm(dim=1).min() < 1 - 1e-4  # the average left the sphere: the test can tell
+    ema.main([str(ckpt), "--save", "0.1", "--device", "cpu"])
+    model = load_model(str(ckpt / "ema_0.100.pt"), "cpu")
+    for w, dim in model._constrained():
+        torch.testing.assert_close(w.norm(dim=dim), torch.ones(w.size(1 - dim % 2)))
+    torch.testing.assert_close(model.transformer.wte.weight, averaged / averaged.norm(dim=1, keepdim=True))
+
+
 def test_ema_bad_input(small_shards, tmp_path):
     with pytest.raises(SystemExit, match="ema_stds"):
         run_inprocess(tiny_args(tmp_path, small_shards, "bad", "--ema_stds", "0.5"))
