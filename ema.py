@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 import hellaswag
-from data import DataLoader, atomic_write, fail
+from data import DataLoader, atomic_write, fail, write_hf_tokenizer
 from distributed import default_device
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, hf_refusal
 
 # ---------------------------------------------------------------------------
 # the power-function profile
@@ -174,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--device", default="")
     parser.add_argument("--out", default="", help="folder for ema.md/json/png (default: the run's logs folder)")
     parser.add_argument("--save", type=float, help="write this σ_rel's weights as a checkpoint ema_<σ>.pt")
-    parser.add_argument("--hf_out", default="", help="with --save: also a Hugging Face folder (GPT-2 models)")
+    parser.add_argument("--hf_out", default="", help="with --save: also a Hugging Face folder (as export_hf.py writes)")
     args = parser.parse_args(argv)
 
     snapshots = list_snapshots(os.path.join(args.checkpoint_dir, "ema"))
@@ -213,8 +213,8 @@ def main(argv=None):
         model.renormalize_()
 
     if args.save is not None:
-        if args.hf_out and not model_config.is_gpt2:
-            fail("--hf_out: only a GPT-2 (every switch at its default) fits a Hugging Face GPT2LMHeadModel")
+        if args.hf_out and hf_refusal(model_config):
+            fail(f"--hf_out: {hf_refusal(model_config)}")
         load_weights(reconstruct(snapshots, [args.save], at_step)[0])
         path = os.path.join(args.checkpoint_dir, f"ema_{args.save:.3f}.pt")
         with atomic_write(path) as f:
@@ -222,7 +222,8 @@ def main(argv=None):
                         "ema_sigma_rel": args.save}, f)
         print(f"saved the σ_rel {args.save} EMA at step {at_step} to {path}")
         if args.hf_out:
-            model.save_pretrained(args.hf_out)
+            # as export_hf.py writes it: the model and GPT-2's tokenizer
+            model.save_pretrained(args.hf_out, write_extra=lambda d: write_hf_tokenizer(d, model_config.block_size))
             print(f"saved a Hugging Face folder to {args.hf_out}")
         return
 

@@ -142,10 +142,16 @@ def test_training_snapshots_resume_exactly_and_the_cli_sweeps(small_shards, tmp_
     assert "| 0.05 |" in (out / "ema.md").read_text() and (out / "ema.png").stat().st_size > 0
 
     # a chosen σ_rel saved as a checkpoint that hellaswag.py / GPT load
-    ema.main([str(ckpt), "--save", "0.1", "--device", "cpu"])
+    ema.main([str(ckpt), "--save", "0.1", "--device", "cpu", "--hf_out", str(tmp_path / "hf")])
     model = load_model(str(ckpt / "ema_0.100.pt"), "cpu")
     torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight,
                                ema.reconstruct(ema.list_snapshots(ckpt / "ema"), [0.1])[0]["transformer.h.0.mlp.c_fc.weight"])
+    # and as a Hugging Face folder, with the tokenizer, as export_hf.py writes it
+    exported = load_model(str(tmp_path / "hf"), "cpu")
+    x = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x)[0], model(x)[0], rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
 
     # a rewind to step 3 with another learning rate: the old future's snapshots go
     old4 = torch.load(ckpt / "ema" / "step_000004.pt", weights_only=True)["averages"][0]
@@ -163,6 +169,8 @@ def test_ngpt_ema_is_put_back_on_the_sphere(small_shards, tmp_path):
     ckpt = tmp_path / "ckpt" / "ngpt"
     averaged = ema.reconstruct(ema.list_snapshots(ckpt / "ema"), [0.1])[0]["transformer.wte.weight"]
     assert averaged.norm(dim=1).min() < 1 - 1e-4  # the average left the sphere: the test can tell
+    with pytest.raises(SystemExit, match="--hf_out: nGPT's normalised transformer .* no transformers class"):
+        ema.main([str(ckpt), "--save", "0.1", "--device", "cpu", "--hf_out", str(tmp_path / "hf")])
     ema.main([str(ckpt), "--save", "0.1", "--device", "cpu"])
     model = load_model(str(ckpt / "ema_0.100.pt"), "cpu")
     for w, dim in model._constrained():
