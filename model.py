@@ -792,8 +792,9 @@ def chunked_cross_entropy(x, w, targets, vocab_size, grads):
         zc, logpc = z[:n], logp[:n]
         torch.mm(xc, w_low.t(), out=zc)
         zc[:, vocab_size:] = float("-inf")
-        # in fp32, and more exact than logsumexp(z) − z[target] when the loss is near 0
-        torch.log_softmax(zc, dim=-1, dtype=torch.float32, out=logpc)
+        # in fp32 and in place (log_softmax's dtype= would make a hidden fp32 copy); more exact than
+        # logsumexp(z) − z[target] when the loss is near 0
+        torch.log_softmax(logpc.copy_(zc), dim=-1, out=logpc)
         valid, tc = tc != -1, tc.clamp(min=0)
         total = total - (logpc.gather(1, tc[:, None]).squeeze(1) * valid).sum()
         if grads:  # d(loss sum)/d(logits) = softmax − one-hot, in place of the log-probabilities

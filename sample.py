@@ -15,6 +15,7 @@ a new document (after <|endoftext|>, as training saw them); a sample ends at <|e
 
 import argparse
 import codecs
+import math
 import pickle
 import sys
 
@@ -85,18 +86,22 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps, cpu...")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
-        fail("--num_samples and --max_new_tokens must be at least 1, --temperature and --top_k at least 0")
+    if args.num_samples < 1 or args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf or args.top_k < 0:
+        fail("--num_samples and --max_new_tokens must be at least 1, --temperature (finite) and --top_k at least 0")
     args.top_k = args.top_k or None
 
     text = read_prompt(args)
+    enc = gpt2_tokenizer()
     device = default_device(args.device)  # never a silent fallback to the CPU
     try:
         model = load_model(args.model, device)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         fail(" ".join(str(e).split()))
     model.eval()
-    ids = prompt_ids(text, gpt2_tokenizer(), model.config.block_size)
+    if model.config.vocab_size != enc.n_vocab:
+        fail(f"--model {args.model} has a vocabulary of {model.config.vocab_size} tokens, not GPT-2's {enc.n_vocab}: "
+             f"sample.py reads and writes text with GPT-2's tokenizer, so it samples only models trained on it")
+    ids = prompt_ids(text, enc, model.config.block_size)
     print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device}, seed {args.seed}", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)

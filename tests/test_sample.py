@@ -121,7 +121,8 @@ def test_text_streams_while_generating(ckpt, capsys, monkeypatch):
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "word " * 40], "longer than the model's context of 32"),
     (["--prompt_file", "/nonexistent/p.txt"], "--prompt_file /nonexistent/p.txt"),
-    (["--temperature", "-1"], "--temperature and --top_k at least 0"),
+    (["--temperature", "-1"], "--temperature (finite) and --top_k at least 0"),
+    (["--temperature", "nan"], "--temperature (finite) and --top_k at least 0"),
     (["--num_samples", "0"], "--num_samples and --max_new_tokens must be at least 1"),
 ])
 def test_bad_input_is_one_line(ckpt, capsys, args, message):
@@ -132,3 +133,13 @@ def test_bad_input_is_one_line(ckpt, capsys, args, message):
         sample.main(["--device", "cpu", *args])
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
     assert capsys.readouterr().out == ""  # nothing printed as a sample
+
+
+def test_a_model_of_another_vocabulary_is_refused(tmp_path, capsys):
+    """Its ids are not GPT-2's tokens: one line, not an IndexError or a KeyError mid-stream."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300)
+    path = tmp_path / "small.pt"
+    torch.save({"model": GPT(config).state_dict(), "model_config": asdict(config)}, path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--device", "cpu", "--model", str(path), "--prompt", "hello"])
+    assert "vocabulary of 300 tokens, not GPT-2's 50257" in str(e.value) and capsys.readouterr().out == ""
