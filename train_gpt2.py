@@ -122,9 +122,6 @@ PRESETS = {
                "total_batch_size": 16384, "max_steps": 300, "warmup_steps": 30, "max_lr": 1e-3, "val_every": 50,
                "val_steps": 2, "hellaswag_every": 100, "hellaswag_limit": 200, "sample_every": 100,
                "checkpoint_every": 100},
-    # every gpt-oss change at GPT-2 124M's size: 12 query heads share 4 key/value heads, even layers
-    # attend to the last 128 tokens, 8 experts of which each token uses 2 (the active MLP is the
-    # dense one's size), untied output layer (SPEC-improvements.md, section A)
     # EDM2's magnitude-preserving network with the optimizer settings that go with it (section B)
     # (unit-RMS weight rows make the lr a relative step: it needs to be ~15x GPT-2's 6e-4, as EDM2's 1e-2)
     "edm2": {"mp": True, "beta2": 0.99, "weight_decay": 0.0, "lr_schedule": "inv_sqrt", "max_lr": 1e-2},
@@ -132,8 +129,13 @@ PRESETS = {
     # 0 (its train.py; section C)
     "ngpt": {"ngpt": True, "pos": "rope", "tie_embeddings": False, "weight_decay": 0.0, "warmup_steps": 0,
              "max_lr": 15e-4, "min_lr_frac": 0.0},
+    # every gpt-oss change at GPT-2 124M's size: 12 query heads share 4 key/value heads, even layers
+    # attend to the last 128 tokens, 8 experts of which each token uses 2 (the active MLP is the
+    # dense one's size), untied output layer (SPEC-improvements.md, section A), and a small load-balance
+    # loss: without one the router collapsed within 5 steps on the CPU proxy (results/README.md, moe_balance;
+    # gpt-oss's released code is inference-only and says nothing of how it was trained)
     "gpt-oss": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "n_kv_head": 4, "window": 128, "sinks": True,
-                "moe_experts": 8, "moe_topk": 2, "tie_embeddings": False},
+                "moe_experts": 8, "moe_topk": 2, "moe_aux_loss": 0.01, "tie_embeddings": False},
     # the larger GPT-2s with llm.c's reproduction settings (scripts/run_gpt2_{350M,774M,1558M}.sh: lr, batch,
     # steps, warmup 700, decay to min_lr_frac); micro batches sized for an 80 GB GPU by estimate_memory()
     "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "max_lr": 3e-4, "min_lr_frac": 0.0,

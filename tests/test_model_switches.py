@@ -444,6 +444,7 @@ def test_gpt_oss_preset_and_its_size():
     assert (model_cfg.norm, model_cfg.pos, model_cfg.mlp, model_cfg.n_kv_head, model_cfg.window, model_cfg.sinks,
             model_cfg.moe_experts, model_cfg.moe_topk, model_cfg.tie_embeddings) == \
         ("rmsnorm", "rope", "swiglu", 4, 128, True, 8, 4, False)  # flags override the preset
+    assert model_cfg.moe_aux_loss == 0.01  # results/README.md, moe_balance
     model = GPT(parse_args(["--preset", "gpt-oss"])[1])
     gpt2 = GPT(parse_args([])[1])
     # the same per-token work as GPT-2 124M, to within the 4/8 kv heads and the SwiGLU rounding
