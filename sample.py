@@ -52,11 +52,10 @@ def prompt_ids(text, enc, block_size):
     return ids
 
 
-def stream_sample(model, ids, args, generator, device, out):
+def stream_sample(model, ids, enc, args, generator, device, out):
     """Write one sample's continuation to out as its tokens come; return the new token ids."""
-    enc = gpt2_tokenizer()
     # a character can span tokens (UTF-8 bytes split by BPE): print each one once it is whole
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     new = []
     with autocast_for(torch.device(device).type, default_autocast_dtype(device) or torch.float32):
@@ -66,9 +65,9 @@ def stream_sample(model, ids, args, generator, device, out):
             if token == EOT:
                 break
             new.append(token)
-            out.write(text.decode(enc.decode_single_token_bytes(token)))
+            out.write(utf8.decode(enc.decode_single_token_bytes(token)))
             out.flush()
-    out.write(text.decode(b"", final=True))
+    out.write(utf8.decode(b"", final=True))
     return new
 
 
@@ -110,7 +109,7 @@ def main(argv=None):
             sys.stdout.write("\n" + "-" * 40 + "\n")
         if text is not None:
             sys.stdout.write(text)
-        stream_sample(model, ids, args, generator, device, sys.stdout)
+        stream_sample(model, ids, enc, args, generator, device, sys.stdout)
     sys.stdout.write("\n")
 
 
