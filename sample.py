@@ -22,7 +22,7 @@ import sys
 import torch
 
 from checkpoint import load_model
-from data import EOT, fail, gpt2_tokenizer
+from data import EOT, GPT2_VOCAB, fail, gpt2_tokenizer
 from distributed import autocast_for, default_autocast_dtype, default_device
 
 
@@ -97,8 +97,8 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         fail(" ".join(str(e).split()))
     model.eval()
-    if model.config.vocab_size != enc.n_vocab:
-        fail(f"--model {args.model} has a vocabulary of {model.config.vocab_size} tokens, not GPT-2's {enc.n_vocab}: "
+    if model.config.vocab_size != GPT2_VOCAB:
+        fail(f"--model {args.model} has a vocabulary of {model.config.vocab_size} tokens, not GPT-2's {GPT2_VOCAB}: "
              f"sample.py reads and writes text with GPT-2's tokenizer, so it samples only models trained on it")
     ids = prompt_ids(text, enc, model.config.block_size)
     print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device}, seed {args.seed}", file=sys.stderr)

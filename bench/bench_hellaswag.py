@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts live one level up
 import hellaswag
+from distributed import default_autocast_dtype
 from model import GPT, GPTConfig
 
 SIZES = {"tiny": GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=64), "124M": GPTConfig()}
@@ -50,7 +51,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = hellaswag.load_model(args.model, device) if args.model else GPT(SIZES[args.size]).to(device)
     examples = hellaswag.load_examples(args.data_file, args.n) if args.data_file else synthetic_examples(args.n)
-    autocast_dtype = hellaswag.default_autocast_dtype(device)
+    autocast_dtype = default_autocast_dtype(device)
     print(f"{args.model or 'random ' + args.size} ({model.num_params() / 1e6:.1f}M params), {len(examples)} examples, "
           f"{device}, {autocast_dtype or torch.float32}, {torch.get_num_threads()} threads")
 
