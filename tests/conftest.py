@@ -3,7 +3,13 @@ import random
 import sys
 
 import pytest
-import torch
+
+# One intra-op thread per process: the tests' models are tiny, so a second thread buys nothing, and where
+# processes share the cores (two DDP ranks, a neighbour's job, pytest-xdist's workers) a parallel region
+# waits on a descheduled thread at every op: a manifold-Muon test took 100 s that way against 0.1 s.
+# Set before torch is imported; every script a test starts inherits it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts live at the top level, not in a package
@@ -144,3 +150,33 @@ class FullDisk:
     def flush(self):
         self.f.flush()
 
+
+
+class NoBackgroundPlot:
+    """train_gpt2's BackgroundPlot, drawing nothing: the run's end still draws plot.png, in-process."""
+
+    def __init__(self, run_dir):
+        pass
+
+    def request(self):
+        return False
+
+    def wait(self, timeout=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def no_background_plots(request, monkeypatch):
+    """Runs trained in the test process redraw no plot.png after each evaluation, only at their end: each
+    redraw is a Python process (~0.5 s of CPU), about 100 in a suite whose runs evaluate every few steps.
+    Tests marked background_plots keep them (test_monitor tests BackgroundPlot itself)."""
+    if request.node.get_closest_marker("background_plots") is None:
+        import train_gpt2
+
+        monkeypatch.setattr(train_gpt2, "BackgroundPlot", NoBackgroundPlot)

@@ -6,19 +6,19 @@ import os
 import pytest
 
 import ablate
-from conftest import run_script
 
 TINY = ("--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --micro_batch_size 4 "
         "--total_batch_size 128 --warmup_steps 2 --max_lr 3e-3 --val_every 3 --val_steps 1 "
         "--hellaswag_every 0 --sample_every 0 --checkpoint_every_minutes 0")
 
 
-def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path):
+def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
     out = tmp_path / "res"
-    args = ["ablate.py", "--base", TINY, "--data_dir", small_shards, "--tokens", "1152", "--out", str(out),
+    args = ["--base", TINY, "--data_dir", small_shards, "--tokens", "1152", "--out", str(out),
             "--variant", "default_lr=--max_lr 6e-4 --warmup_steps 1",  # 6e-4 is the default, not the base's: a change
             "--seeds", "1", "2", "--hellaswag_file", hellaswag_file]
-    first = run_script(*args).stdout
+    ablate.main(args)  # in this process; each run is train_gpt2.py in a child, as always
+    first = capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["checkpoints", "loss_vs_time.png", "loss_vs_tokens.png", "results.json",
                                        "results.md", "runs"]
     for png in ("loss_vs_time.png", "loss_vs_tokens.png"):
@@ -44,7 +44,8 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path):
     assert "results.md" in first
 
     # rerunning the same command trains nothing again and writes the same table
-    again = run_script(*args).stdout
+    ablate.main(args)
+    again = capsys.readouterr().out
     assert again.count("finished earlier, with these settings") == 4
     assert (out / "results.md").read_text().splitlines()[2:] == table[2:]
 
