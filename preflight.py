@@ -314,11 +314,14 @@ def check_attention(checks, model_cfg, seq_len, device_type, compiled):
 
 def time_sdpa(device, shape, dtype, order, reps=10):
     """(ms, output) of one causal SDPA forward+backward on random q, k, v of shape (B, H, T, head size), the
-    kernels tried in `order` (a list of SDPBackend)."""
+    kernels tried in `order` (a list of SDPBackend). q, k and v are laid out as the model's are: heads
+    transposed out of one (B, T, 3·H·head size) c_attn output, not contiguous (a kernel may copy them)."""
     from torch.nn.attention import sdpa_kernel
 
+    B, H, T, hs = shape
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(shape, dtype=dtype, device=device, generator=g).requires_grad_() for _ in range(3))
+    qkv = torch.randn(B, T, 3, H, hs, dtype=dtype, device=device, generator=g).requires_grad_()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     with sdpa_kernel(order, set_priority=True):
         for i in range(reps + 2):  # 2 warm-up calls
             if i == 2:

@@ -247,3 +247,23 @@ def test_time_sdpa_compares_kernel_orders_on_the_cpu():
     ms_flash, y_flash = preflight.time_sdpa("cpu", (2, 2, 32, 8), torch.float32, [SDPBackend.FLASH_ATTENTION], reps=2)
     assert ms_math > 0 and ms_flash > 0
     torch.testing.assert_close(y_math, y_flash, rtol=1e-5, atol=1e-5)
+
+
+def test_time_sdpa_times_the_models_layout(monkeypatch):
+    """The q, k, v it times have the shapes and strides the model's attention hands SDPA."""
+    from torch.nn.attention import SDPBackend
+
+    from model import GPT, GPTConfig
+
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append([(t.shape, t.stride()) for t in (q, k, v)])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64))
+    x = torch.randint(0, 64, (2, 32))
+    model(x, x)[1].backward()
+    preflight.time_sdpa("cpu", (2, 2, 32, 8), torch.float32, [SDPBackend.MATH], reps=1)
+    assert seen[-1] == seen[0]
