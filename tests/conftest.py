@@ -151,7 +151,6 @@ class FullDisk:
         self.f.flush()
 
 
-
 class NoBackgroundPlot:
     """train_gpt2's BackgroundPlot, drawing nothing: the run's end still draws plot.png, in-process."""
 
@@ -172,11 +171,10 @@ class NoBackgroundPlot:
 
 
 @pytest.fixture(autouse=True)
-def no_background_plots(request, monkeypatch):
+def no_background_plots(monkeypatch):
     """Runs trained in the test process redraw no plot.png after each evaluation, only at their end: each
     redraw is a Python process (~0.5 s of CPU), about 100 in a suite whose runs evaluate every few steps.
-    Tests marked background_plots keep them (test_monitor tests BackgroundPlot itself)."""
-    if request.node.get_closest_marker("background_plots") is None:
-        import train_gpt2
+    (Runs started as scripts keep them; test_monitor tests BackgroundPlot itself.)"""
+    import train_gpt2
 
-        monkeypatch.setattr(train_gpt2, "BackgroundPlot", NoBackgroundPlot)
+    monkeypatch.setattr(train_gpt2, "BackgroundPlot", NoBackgroundPlot)

@@ -265,5 +265,6 @@ def test_time_sdpa_times_the_models_layout(monkeypatch):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64))
     x = torch.randint(0, 64, (2, 32))
     model(x, x)[1].backward()
+    assert len(seen) == 1  # the model's own call
     preflight.time_sdpa("cpu", (2, 2, 32, 8), torch.float32, [SDPBackend.MATH], reps=1)
     assert seen[-1] == seen[0]
