@@ -394,6 +394,8 @@ class CausalSelfAttention(nn.Module):
         # q for every head, k and v for every key/value head, in one matmul
         self.c_attn = make_linear(config, config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim,
                                   bias=config.qkv_bias)
+        kv = self.n_kv_head * self.head_dim  # its row blocks, each its own matrix to Muon: see optim.matrices
+        self.c_attn.weight.ROW_BLOCKS = (self.n_head * self.head_dim, kv, kv)
         self.c_proj = make_linear(config, config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # scaled init, see GPT._init_weights
         self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.sinks else None

@@ -4,8 +4,8 @@ Optimizers beyond AdamW, chosen with train_gpt2.py --optimizer (SPEC-improvement
 What the hidden matrices (every ≥2-D weight in the blocks) use; embeddings, the output layer, norm
 gains and biases stay on AdamW in the same optimizer object (one state_dict, one GradScaler step,
 one learning-rate schedule). All three take SGD momentum with Nesterov first. A fused weight counts as
-its blocks: c_attn is three matrices, q, k and v (see mark_fused_blocks); sphere, which works row by
-row, is the same either way.
+its blocks: c_attn is three matrices, q, k and v (model.py tags it with ROW_BLOCKS); sphere, which works
+row by row, is the same either way.
 
 muon: Muon (Keller Jordan 2024, as in modded-nanogpt): the update is replaced by the nearest
     semi-orthogonal matrix (all singular values ~1) by 5 Newton–Schulz iterations, so every direction
@@ -143,21 +143,13 @@ def as_out_in(t, p):
 def matrices(t, p):
     """t (the weight p, its gradient or momentum) as the matrices the optimizer updates each on its own:
     views, so that writes land in t. One per parameter, its (out, in) view (for experts, a batch of
-    matrices), or of a fused weight one per row block (p.ROW_BLOCKS rows each: c_attn's q, k and v, see
-    mark_fused_blocks), so each block is orthogonalised, scaled and kept on its manifold by its own shape."""
+    matrices), or of a fused weight one per row block (p.ROW_BLOCKS rows each, set by model.py: c_attn's q
+    (n_head·head_dim rows), k and v (n_kv_head·head_dim each)), so each block is orthogonalised, scaled and
+    kept on its manifold by its own shape. Orthogonalised as one matrix, the block with the largest gradient
+    would take the spectrum (at init v's, so q and k barely move); modded-nanogpt splits grouped QKV before
+    Newton–Schulz for this (its 2024-10-10 Muon record, each block at its own shape's scale)."""
     t = as_out_in(t, p)
     return list(t.split(p.ROW_BLOCKS, dim=-2)) if hasattr(p, "ROW_BLOCKS") else [t]
-
-
-def mark_fused_blocks(model):
-    """Tag each attention layer's fused c_attn weight with its row blocks: q (n_head·head_dim rows), k and
-    v (n_kv_head·head_dim each). Orthogonalised as one matrix, the block with the largest gradient takes
-    the spectrum (at init v's, so q and k barely move); modded-nanogpt splits grouped QKV before
-    Newton–Schulz for this (its 2024-10-10 Muon record, each block at its own shape's scale)."""
-    for m in model.modules():
-        if hasattr(m, "c_attn") and hasattr(m, "n_kv_head"):
-            kv = m.n_kv_head * m.head_dim
-            m.c_attn.weight.ROW_BLOCKS = (m.n_head * m.head_dim, kv, kv)
 
 
 def matrices_per_call(shape, device_type):
@@ -299,7 +291,6 @@ def build_optimizer(model, cfg, device_type):
     if cfg.optimizer not in MATRIX_KINDS:
         raise ValueError(f"--optimizer {cfg.optimizer}: choose adamw, {', '.join(MATRIX_KINDS)}")
     adam_groups = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, "cpu", eps=cfg.eps).param_groups
-    mark_fused_blocks(model)
     named = list(model.named_parameters())
     muon = [p for n, p in named if hidden_matrix(n, p)]
     muon_ids = {id(p) for p in muon}
