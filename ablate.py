@@ -13,7 +13,8 @@ optimisation, not the data, the token budget or the evaluation (those are refuse
 train_gpt2.py itself in a subprocess (torchrun when --nproc > 1); rerunning the same command skips
 finished runs and resumes interrupted ones. Writes to --out:
     results.md            one row per variant: params, tokens, final val loss (mean ± std over seeds),
-                          tokens to reach the baseline's final val loss, training time, tokens/s, HellaSwag
+                          the tokens and the training time to reach the baseline's final val loss, training
+                          time, tokens/s, HellaSwag
     loss_vs_tokens.png    val loss of every variant against tokens, and
     loss_vs_time.png      against training time (the sum of step times: evaluation excluded)
     results.json          the raw curves and every run's full config (with its git commit)
@@ -172,12 +173,16 @@ def read_curves(run_dir):
     }
 
 
-def tokens_to_reach(curve, target):
-    """Tokens at which a val curve [[step, tokens, time, loss]] first reaches target, interpolated."""
-    for (_, t0, _, l0), (_, t1, _, l1) in zip(curve, curve[1:]):
+def reach(curve, target):
+    """(tokens, training time) at which a val curve [[step, tokens, time, loss]] first reaches target,
+    interpolated between evaluations; None if it never does."""
+    if curve and curve[0][3] <= target:
+        return curve[0][1], curve[0][2]
+    for (_, t0, s0, l0), (_, t1, s1, l1) in zip(curve, curve[1:]):
         if l1 <= target:
-            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1) if l0 > target else t0
-    return curve[0][1] if curve and curve[0][3] <= target else None
+            f = (l0 - target) / (l0 - l1)
+            return t0 + (t1 - t0) * f, s0 + (s1 - s0) * f
+    return None
 
 
 def mean_std(xs):
@@ -188,13 +193,14 @@ def write_results(out, results, tokens):
     names = list(results)
     final = {n: mean_std([r["val"][-1][3] for r in results[n]]) for n in names}
     target = final["baseline"][0]
-    base_tokens = tokens_to_reach(mean_curve(results["baseline"]), target)
-    rows = ["| variant | params | tokens | final val loss | tokens to baseline's final val | train time | "
-            "tokens/s | HellaSwag |", "|---|---|---|---|---|---|---|---|"]
+    base_tokens, base_time = reach(mean_curve(results["baseline"]), target)
+    rows = ["| variant | params | tokens | final val loss | tokens to baseline's final val | time to it | "
+            "train time | tokens/s | HellaSwag |", "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         runs = results[n]
-        reach = tokens_to_reach(mean_curve(runs), target)
-        reach_s = f"{reach:,.0f} ({reach / base_tokens:.2f}×)" if reach is not None else "not reached"
+        reached = reach(mean_curve(runs), target)
+        reach_s = (f"{reached[0]:,.0f} ({reached[0] / base_tokens:.2f}×) | {reached[1]:.1f} s "
+                   f"({reached[1] / base_time:.2f}×)" if reached else "not reached | not reached")
         hella = [r["hellaswag"] for r in runs if r["hellaswag"] is not None]
         rows.append(f"| {n} | {runs[0]['params'] / 1e6:.2f}M | {runs[0]['tokens']:,} | "
                     f"{final[n][0]:.4f} ± {final[n][1]:.4f} | {reach_s} | "

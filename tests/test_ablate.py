@@ -40,7 +40,7 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| variant")]
     assert [r.split("|")[1].strip() for r in rows] == ["baseline", "default_lr"]
     base = rows[0].split("|")
-    assert "(1.00×)" in base[5] and "±" in base[4] and base[3].strip() == "1,152"
+    assert "(1.00×)" in base[5] and "(1.00×)" in base[6] and "±" in base[4] and base[3].strip() == "1,152"
     assert "results.md" in first
 
     # rerunning the same command trains nothing again and writes the same table
@@ -50,11 +50,13 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
     assert (out / "results.md").read_text().splitlines()[2:] == table[2:]
 
 
-def test_tokens_to_reach():
-    curve = [[0, 0, 0.0, 10.0], [1, 100, 1.0, 8.0], [2, 200, 2.0, 6.0]]
-    assert ablate.tokens_to_reach(curve, 7.0) == pytest.approx(150)
-    assert ablate.tokens_to_reach(curve, 8.0) == 100
-    assert ablate.tokens_to_reach(curve, 5.0) is None
+def test_reach():
+    curve = [[0, 0, 0.0, 10.0], [1, 100, 3.0, 8.0], [2, 200, 7.0, 6.0]]  # step, tokens, time, val loss
+    assert ablate.reach(curve, 7.0) == pytest.approx((150, 5.0))  # halfway from 8 to 6, in tokens and in time
+    assert ablate.reach(curve, 7.5) == pytest.approx((125, 4.0))
+    assert ablate.reach(curve, 8.0) == (100, 3.0)
+    assert ablate.reach(curve, 10.0) == (0, 0.0)
+    assert ablate.reach(curve, 5.0) is None
 
 
 @pytest.mark.parametrize("variant,message", [
