@@ -24,6 +24,7 @@ finished runs and resumes interrupted ones. Writes to --out:
 import argparse
 import io
 import json
+import math
 import os
 import shlex
 import statistics
@@ -193,7 +194,9 @@ def write_results(out, results, tokens):
     names = list(results)
     final = {n: mean_std([r["val"][-1][3] for r in results[n]]) for n in names}
     target = final["baseline"][0]
-    base_tokens, base_time = reach(mean_curve(results["baseline"]), target)
+    if math.isnan(target):
+        fail("the baseline's final val loss is NaN: it diverged, and no variant can be measured against it")
+    _, base_tokens, base_time, _ = mean_curve(results["baseline"])[-1]  # the ratios are of its whole budget
     rows = ["| variant | params | tokens | final val loss | tokens to baseline's final val | time to it | "
             "train time | tokens/s | HellaSwag |", "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
@@ -235,7 +238,10 @@ def write_results(out, results, tokens):
 
 
 def mean_curve(runs):
-    """The seeds' val curves averaged point by point (they share the eval steps)."""
+    """The seeds' val curves averaged point by point (they must share the eval steps)."""
+    if len({tuple(p[0] for p in r["val"]) for r in runs}) > 1:
+        fail(f"seeds evaluated at different steps ({', '.join(str(len(r['val'])) for r in runs)} evaluations): "
+             f"the runs of one variant must share the eval cadence and budget")
     return [[*runs[0]["val"][i][:2], statistics.mean(r["val"][i][2] for r in runs),
              statistics.mean(r["val"][i][3] for r in runs)] for i in range(min(len(r["val"]) for r in runs))]
 
