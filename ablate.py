@@ -10,7 +10,8 @@ judges its records.
 --base is a train_gpt2.py --config file (or a --preset); each --variant NAME=... is a config file or a
 string of train_gpt2.py flags applied on top of the base. A variant may change the model and the
 optimisation, not the data, the token budget or the evaluation (those are refused). Every run is
-train_gpt2.py itself in a subprocess (torchrun when --nproc > 1); rerunning the same command skips
+train_gpt2.py itself in a subprocess (torchrun when --nproc > 1), --parallel of them at a time (on a CPU
+each with its share of the cores, on GPUs each on its own --nproc GPUs); rerunning the same command skips
 finished runs and resumes interrupted ones. Writes to --out:
     results.md            one row per variant: params, tokens, final val loss (mean ± std over seeds),
                           the tokens and the training time to reach the baseline's final val loss, training
@@ -22,10 +23,12 @@ finished runs and resumes interrupted ones. Writes to --out:
 """
 
 import argparse
+import concurrent.futures
 import io
 import json
 import math
 import os
+import queue
 import shlex
 import statistics
 import subprocess
@@ -35,6 +38,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 
 from data import atomic_write, fail
 from runlog import GPT2_124M_VAL_LOSS
@@ -111,8 +115,9 @@ def flags(settings):
     return out
 
 
-def run_one(name, seed, settings, args):
-    """Train one run with train_gpt2.py (resuming it if a previous ablate.py was interrupted)."""
+def run_one(name, seed, settings, args, env=None):
+    """Train one run with train_gpt2.py (resuming it if a previous ablate.py was interrupted), in the
+    environment env (run_env's; None: this process's)."""
     run = f"{name}-seed{seed}"
     log_dir = os.path.join(args.out, "runs")
     if finished(os.path.join(log_dir, run), {**settings, "seed": seed}):
@@ -130,10 +135,58 @@ def run_one(name, seed, settings, args):
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(log_dir, exist_ok=True)
     with open(os.path.join(log_dir, f"{run}.out"), "a") as out:
-        rc = subprocess.run(cmd, cwd=here, stdout=out, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=here, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         fail(f"run {run} failed (exit {rc}); its output is in {os.path.join(log_dir, run + '.out')}")
     return os.path.join(log_dir, run)
+
+
+def run_env(slot, parallel, nproc, on_gpu, environ=os.environ, cores=None, gpus=None):
+    """The environment of the run in `slot` (0 .. parallel-1) when `parallel` runs train at a time. On the
+    CPU each gets its share of the cores as threads (an OMP_NUM_THREADS already set is kept): two 1-thread
+    runs on 2 cores do as much work as one 2-thread run, and a many-threaded run on cores that other work
+    shares waits at every op (results/README.md, benchmarks). On GPUs each gets its
+    own nproc of the visible GPUs (gpus: how many CUDA sees)."""
+    env = dict(environ)
+    if parallel == 1:
+        return env
+    if not on_gpu:
+        cores = cores or len(os.sched_getaffinity(0))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // (parallel * nproc))))
+        return env
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    if parallel * nproc > len(ids):
+        fail(f"--parallel {parallel} × --nproc {nproc} needs {parallel * nproc} GPUs, and {len(ids)} are visible: "
+             f"lower --parallel")
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[slot * nproc:(slot + 1) * nproc])
+    return env
+
+
+def run_all(variants, args):
+    """Every (variant, seed) run, `args.parallel` at a time, each in its own slot's environment; returns
+    {variant: [its runs' curves, in seed order]}."""
+    runs = [(name, seed, settings) for name, settings in variants for seed in args.seeds]
+    device = variants[0][1].get("device", "auto")
+    on_gpu = device != "cpu" and (device.startswith("cuda") or torch.cuda.is_available())
+    slots = queue.SimpleQueue()
+    for slot in range(args.parallel):
+        slots.put(run_env(slot, args.parallel, args.nproc, on_gpu,
+                          gpus=torch.cuda.device_count() if on_gpu else 0))
+
+    def train(run):
+        env = slots.get()
+        try:
+            return run_one(*run, args, env)
+        finally:
+            slots.put(env)
+
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:  # each thread waits on one subprocess
+        dirs = list(pool.map(train, runs))
+    results = {name: [] for name, _ in variants}
+    for (name, _, _), run_dir in zip(runs, dirs):
+        results[name].append(read_curves(run_dir))
+    return results
 
 
 def finished(run_dir, settings):
@@ -255,12 +308,15 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, help="training tokens per run (default: the preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun), e.g. GPUs")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at a time: on a CPU each gets cores/N threads, on GPUs its own --nproc GPUs")
     parser.add_argument("--hellaswag_file", help="local hellaswag_val.jsonl: adds HellaSwag to the table")
     parser.add_argument("--out", default="results/ablation")
     args = parser.parse_args(argv)
     variants, tokens = plan(args)
-    results = {name: [read_curves(run_one(name, seed, settings, args)) for seed in args.seeds]
-               for name, settings in variants}
+    if args.parallel < 1:
+        fail(f"--parallel {args.parallel}: give 1 or more runs at a time")
+    results = run_all(variants, args)
     print(write_results(args.out, results, tokens))
     print(f"wrote {args.out}/results.md, results.json, loss_vs_tokens.png, loss_vs_time.png")
 

@@ -16,8 +16,8 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
     out = tmp_path / "res"
     args = ["--base", TINY, "--data_dir", small_shards, "--tokens", "1152", "--out", str(out),
             "--variant", "default_lr=--max_lr 6e-4 --warmup_steps 1",  # 6e-4 is the default, not the base's: a change
-            "--seeds", "1", "2", "--hellaswag_file", hellaswag_file]
-    ablate.main(args)  # in this process; each run is train_gpt2.py in a child, as always
+            "--seeds", "1", "2", "--hellaswag_file", hellaswag_file, "--parallel", "2"]
+    ablate.main(args)  # in this process; each run is train_gpt2.py in a child, as always, two at a time
     first = capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["checkpoints", "loss_vs_time.png", "loss_vs_tokens.png", "results.json",
                                        "results.md", "runs"]
@@ -48,6 +48,22 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("finished earlier, with these settings") == 4
     assert (out / "results.md").read_text().splitlines()[2:] == table[2:]
+
+
+def test_run_env():
+    # on the CPU: the cores shared out as threads, unless the caller set them
+    assert ablate.run_env(1, 2, 1, False, {}, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert ablate.run_env(0, 4, 1, False, {}, cores=16)["OMP_NUM_THREADS"] == "4"
+    assert ablate.run_env(0, 2, 2, False, {}, cores=16)["OMP_NUM_THREADS"] == "4"  # 2 runs × 2 ranks
+    assert ablate.run_env(0, 3, 1, False, {}, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert ablate.run_env(0, 2, 1, False, {"OMP_NUM_THREADS": "3"}, cores=16)["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in ablate.run_env(0, 1, 1, False, {}, cores=16)  # one at a time: as it is
+    # on GPUs: each slot its own nproc of the visible ones
+    assert ablate.run_env(1, 2, 4, True, {}, gpus=8)["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    assert ablate.run_env(0, 8, 1, True, {}, gpus=8)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert ablate.run_env(1, 2, 1, True, {"CUDA_VISIBLE_DEVICES": "3,5"}, gpus=2)["CUDA_VISIBLE_DEVICES"] == "5"
+    with pytest.raises(SystemExit, match="needs 8 GPUs, and 4 are visible"):
+        ablate.run_env(0, 4, 2, True, {}, gpus=4)
 
 
 def test_reach():
