@@ -33,6 +33,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 
 import matplotlib
 
@@ -174,15 +175,25 @@ def run_all(variants, args):
         slots.put(run_env(slot, args.parallel, args.nproc, on_gpu,
                           gpus=torch.cuda.device_count() if on_gpu else 0))
 
+    failed = threading.Event()
+
     def train(run):
+        if failed.is_set():  # a run failed: start no more (those training finish; a rerun resumes the rest)
+            return None
         env = slots.get()
         try:
             return run_one(*run, args, env)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             slots.put(env)
 
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:  # each thread waits on one subprocess
-        dirs = list(pool.map(train, runs))
+        futures = [pool.submit(train, run) for run in runs]
+    if errors := [f.exception() for f in futures if f.exception()]:
+        raise errors[0]
+    dirs = [f.result() for f in futures]
     results = {name: [] for name, _ in variants}
     for (name, _, _), run_dir in zip(runs, dirs):
         results[name].append(read_curves(run_dir))

@@ -50,6 +50,15 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
     assert (out / "results.md").read_text().splitlines()[2:] == table[2:]
 
 
+def test_a_failed_run_stops_the_study(small_shards, tmp_path):
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit, match="run bad-seed1 failed"):  # 2 heads do not divide 33 channels
+        ablate.main(["--base", TINY, "--data_dir", small_shards, "--tokens", "384", "--out", str(out), "--seeds", "1",
+                     "--variant", "bad=--n_embd 33", "--variant", "later=--max_lr 1e-3"])
+    assert "error" in (out / "runs" / "bad-seed1.out").read_text()
+    assert not (out / "runs" / "later-seed1").exists()  # not started after the failure
+
+
 def test_run_env():
     # on the CPU: the cores shared out as threads, unless the caller set them
     assert ablate.run_env(1, 2, 1, False, {}, cores=2)["OMP_NUM_THREADS"] == "1"
