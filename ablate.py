@@ -30,6 +30,7 @@ import math
 import os
 import queue
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def plan(args):
     variants = [("baseline", dict(base))]
     for spec in args.variant:
         name, sep, settings = spec.partition("=")
-        if not sep or not name or name == "baseline" or name in dict(variants):
+        if not sep or not name or name.lower() in {n.lower() for n, _ in variants}:  # (one folder on macOS)
             fail(f"--variant {spec!r}: write NAME=CONFIG_FILE or NAME='--flag value ...', a new NAME each")
         changes = load_settings(settings)
         if bad := sorted(k for k in changes if (k in FIXED and changes[k] != effective[k]) or k in OWNED):
@@ -116,15 +117,18 @@ def flags(settings):
     return out
 
 
+RUNNING = set()  # the train_gpt2.py processes training now: a signal to ablate.py is passed on to them
+
+
 def run_one(name, seed, settings, args, env=None):
     """Train one run with train_gpt2.py (resuming it if a previous ablate.py was interrupted), in the
     environment env (run_env's; None: this process's)."""
     run = f"{name}-seed{seed}"
-    log_dir = os.path.join(args.out, "runs")
-    if finished(os.path.join(log_dir, run), {**settings, "seed": seed}):
+    run_dir = os.path.join(args.out, "runs", run)
+    if finished(run_dir, {**settings, "seed": seed}):
         print(f"=== {run}: finished earlier, with these settings")
-        return os.path.join(log_dir, run)
-    cmd = [*flags({**settings, "seed": seed}), "--run_name", run, "--log_dir", log_dir,
+        return run_dir
+    cmd = [*flags({**settings, "seed": seed}), "--run_name", run, "--log_dir", os.path.dirname(run_dir),
            "--checkpoint_dir", os.path.join(args.out, "checkpoints", run), "--resume", "auto",
            "--checkpoint_every", "0"]
     if args.nproc > 1:
@@ -132,22 +136,31 @@ def run_one(name, seed, settings, args, env=None):
                "train_gpt2.py", *cmd]
     else:
         cmd = [sys.executable, "train_gpt2.py", *cmd]
-    print(f"=== {run}: {shlex.join(cmd[2:] if args.nproc == 1 else cmd[4:])}", flush=True)
+    slot = "".join(f" [{k}={env[k]}]" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+                   if env and args.parallel > 1 and k in env)
+    print(f"=== {run}{slot}: {shlex.join(cmd[2:] if args.nproc == 1 else cmd[4:])}", flush=True)
     here = os.path.dirname(os.path.abspath(__file__))
-    os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, f"{run}.out"), "a") as out:
-        rc = subprocess.run(cmd, cwd=here, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with open(run_dir + ".out", "a") as out:
+        proc = subprocess.Popen(cmd, cwd=here, stdout=out, stderr=subprocess.STDOUT, env=env)
+        RUNNING.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            RUNNING.discard(proc)
     if rc != 0:
-        fail(f"run {run} failed (exit {rc}); its output is in {os.path.join(log_dir, run + '.out')}")
-    return os.path.join(log_dir, run)
+        fail(f"run {run} failed (exit {rc}); its output is in {run_dir}.out")
+    if not finished(run_dir, {**settings, "seed": seed}):  # train_gpt2.py saves and exits 0 on a signal
+        fail(f"run {run} stopped before its end (a signal?); rerun the same command to resume it")
+    return run_dir
 
 
 def run_env(slot, parallel, nproc, on_gpu, environ=os.environ, cores=None, gpus=None):
     """The environment of the run in `slot` (0 .. parallel-1) when `parallel` runs train at a time. On the
     CPU each gets its share of the cores as threads (an OMP_NUM_THREADS already set is kept): two 1-thread
     runs on 2 cores do as much work as one 2-thread run, and a many-threaded run on cores that other work
-    shares waits at every op (results/README.md, benchmarks). On GPUs each gets its
-    own nproc of the visible GPUs (gpus: how many CUDA sees)."""
+    shares waits at every op (results/README.md, benchmarks). On GPUs each gets its own nproc of the
+    visible GPUs (gpus: how many CUDA sees)."""
     env = dict(environ)
     if parallel == 1:
         return env
@@ -156,7 +169,7 @@ def run_env(slot, parallel, nproc, on_gpu, environ=os.environ, cores=None, gpus=
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // (parallel * nproc))))
         return env
     visible = environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    ids = visible.split(",")[:gpus] if visible else [str(i) for i in range(gpus)]  # (CUDA stops at a bad id)
     if parallel * nproc > len(ids):
         fail(f"--parallel {parallel} × --nproc {nproc} needs {parallel * nproc} GPUs, and {len(ids)} are visible: "
              f"lower --parallel")
@@ -166,37 +179,52 @@ def run_env(slot, parallel, nproc, on_gpu, environ=os.environ, cores=None, gpus=
 
 def run_all(variants, args):
     """Every (variant, seed) run, `args.parallel` at a time, each in its own slot's environment; returns
-    {variant: [its runs' curves, in seed order]}."""
+    {variant: [its runs' curves, in seed order]}. A failed run, or a signal to ablate.py (Ctrl-C, SIGTERM,
+    SIGHUP: passed on to the runs training, which save and stop), starts no more runs."""
     runs = [(name, seed, settings) for name, settings in variants for seed in args.seeds]
+    parallel = min(args.parallel, len(runs))
     device = variants[0][1].get("device", "auto")
+    if parallel > 1 and ":" in device:
+        fail(f"--device {device} with --parallel: give --device cuda, and each run gets its own GPUs")
     on_gpu = device != "cpu" and (device.startswith("cuda") or torch.cuda.is_available())
     slots = queue.SimpleQueue()
-    for slot in range(args.parallel):
-        slots.put(run_env(slot, args.parallel, args.nproc, on_gpu,
-                          gpus=torch.cuda.device_count() if on_gpu else 0))
-
-    failed = threading.Event()
+    for slot in range(parallel):
+        slots.put(run_env(slot, parallel, args.nproc, on_gpu, gpus=torch.cuda.device_count() if on_gpu else 0))
+    stop = threading.Event()
 
     def train(run):
-        if failed.is_set():  # a run failed: start no more (those training finish; a rerun resumes the rest)
+        if stop.is_set():
             return None
         env = slots.get()
         try:
             return run_one(*run, args, env)
-        except BaseException:
-            failed.set()
+        except BaseException as e:
+            stop.set()
+            print(e, file=sys.stderr, flush=True)  # now, not when the runs still training end
             raise
         finally:
             slots.put(env)
 
-    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:  # each thread waits on one subprocess
-        futures = [pool.submit(train, run) for run in runs]
+    def pass_on(signum, frame):  # (a run that got it from the terminal too ignores a second within 1 s)
+        stop.set()
+        for proc in list(RUNNING):
+            proc.send_signal(signum)
+
+    handlers = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}  # (nohup's SIGHUP stays ignored)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:  # each thread waits on one subprocess
+            futures = [pool.submit(train, run) for run in runs]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if errors := [f.exception() for f in futures if f.exception()]:
         raise errors[0]
-    dirs = [f.result() for f in futures]
+    if stop.is_set():
+        fail("stopped by a signal between runs; rerun the same command to go on")
     results = {name: [] for name, _ in variants}
-    for (name, _, _), run_dir in zip(runs, dirs):
-        results[name].append(read_curves(run_dir))
+    for (name, _, _), future in zip(runs, futures):
+        results[name].append(read_curves(future.result()))
     return results
 
 
@@ -327,6 +355,8 @@ def main(argv=None):
     variants, tokens = plan(args)
     if args.parallel < 1:
         fail(f"--parallel {args.parallel}: give 1 or more runs at a time")
+    if len(set(args.seeds)) < len(args.seeds):
+        fail(f"--seeds {' '.join(map(str, args.seeds))}: a seed twice would train one run twice")
     results = run_all(variants, args)
     print(write_results(args.out, results, tokens))
     print(f"wrote {args.out}/results.md, results.json, loss_vs_tokens.png, loss_vs_time.png")

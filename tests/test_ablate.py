@@ -1,15 +1,22 @@
 """ablate.py end to end on a tiny model: table, plots, raw curves, determinism, refusals."""
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 import ablate
+import checkpoint
+from conftest import ROOT
 
 TINY = ("--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --micro_batch_size 4 "
         "--total_batch_size 128 --warmup_steps 2 --max_lr 3e-3 --val_every 3 --val_steps 1 "
-        "--hellaswag_every 0 --sample_every 0 --checkpoint_every_minutes 0")
+        "--hellaswag_every 0 --sample_every 0 --checkpoint_every_minutes 0 --device cpu")
 
 
 def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
@@ -59,6 +66,36 @@ def test_a_failed_run_stops_the_study(small_shards, tmp_path):
     assert not (out / "runs" / "later-seed1").exists()  # not started after the failure
 
 
+def test_a_seed_twice_is_refused(small_shards, tmp_path):
+    with pytest.raises(SystemExit, match="a seed twice"):
+        ablate.main(["--base", TINY, "--data_dir", small_shards, "--tokens", "384", "--seeds", "1", "1",
+                     "--out", str(tmp_path)])
+
+
+def test_a_signal_to_ablate_stops_its_runs(small_shards, tmp_path):
+    # SIGTERM to ablate.py alone (not its process group): the run training hears it too, saves and stops,
+    # ablate.py says so and exits non-zero, and the next run never starts
+    out = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ablate.py"), "--base", TINY + " --val_every 100",
+                             "--data_dir", small_shards, "--tokens", str(128 * 2000), "--seeds", "1", "--out",
+                             str(out), "--variant", "later=--max_lr 1e-3"], cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        metrics = out / "runs" / "baseline-seed1" / "metrics.jsonl"
+        deadline = time.time() + 60
+        while '"train"' not in (metrics.read_text() if metrics.exists() else "") and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:  # whatever failed: nothing of it left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "run baseline-seed1 stopped before its end" in err
+    assert "SIGTERM: finishing this step" in (out / "runs" / "baseline-seed1.out").read_text()
+    assert list(checkpoint.list_checkpoints(str(out / "checkpoints" / "baseline-seed1")))  # resumable
+    assert not (out / "runs" / "later-seed1").exists()
+
+
 def test_run_env():
     # on the CPU: the cores shared out as threads, unless the caller set them
     assert ablate.run_env(1, 2, 1, False, {}, cores=2)["OMP_NUM_THREADS"] == "1"
@@ -91,6 +128,7 @@ def test_reach():
     ("x=--val_every 5", "changes val_every"),
     ("x=--run_name mine", "changes run_name"),
     ("baseline=--max_lr 1", "a new NAME each"),
+    ("Baseline=--max_lr 1", "a new NAME each"),
     ("nonsense", "NAME=CONFIG_FILE"),
 ])
 def test_variants_that_change_the_comparison_are_refused(small_shards, tmp_path, variant, message):
