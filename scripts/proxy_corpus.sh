@@ -20,7 +20,7 @@ case $CORPUS in
     perl)   DATA_DIR=${2:-data/proxy_perl}; glob='usr/share/perl/*/pod/*.pod' ;;
     *)      echo "error: unknown corpus $CORPUS: choose python or perl" >&2; exit 1 ;;
 esac
-DOCS=${DATA_DIR%/}_${CORPUS}_pieces.jsonl  # (not the old script's _docs.jsonl: every file twice, uncut)
+DOCS=$(dirname "$DATA_DIR")/proxy_${CORPUS}_pieces.jsonl  # (not the old script's _docs.jsonl: files twice, uncut)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
