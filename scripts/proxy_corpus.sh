@@ -4,7 +4,7 @@
 #
 #   scripts/proxy_corpus.sh [CORPUS] [DATA_DIR]     (250k-token shards, shard 0 = val)
 #     python  Python's documentation, its reStructuredText (python3-doc): ~3.5M tokens -> data/proxy (default)
-#     perl    Perl's manual, its POD (perl-doc): ~2.8M tokens -> data/proxy_perl, a second corpus to check
+#     perl    Perl's manual, its POD (perl-doc): ~2.5M tokens -> data/proxy_perl, a second corpus to check
 #             that a result on the first is not a property of that one text
 #
 # Each file is read once (Debian reaches Python's through two paths), and no file or piece twice, so no
