@@ -44,7 +44,7 @@ import torch
 
 from data import atomic_write, fail
 from runlog import GPT2_124M_VAL_LOSS
-from train_gpt2 import parse_args, parse_settings
+from train_gpt2 import check_settings, grad_accum_steps, parse_args, parse_settings
 
 # A model and corpus small enough for 2 CPU cores (a few minutes a run), and GPT-2 124M on FineWeb-Edu.
 PRESETS = {
@@ -104,6 +104,13 @@ def plan(args):
             fail(f"variant {name} changes {', '.join(bad)}: variants must share the data, the token budget and "
                  f"the evaluation (set those for all runs in --base)")
         variants.append((name, {**base, **changes}))
+    for name, settings in variants:  # what train_gpt2.py would refuse, refused now rather than hours in
+        try:
+            cfg, model_cfg = parse_args(flags(settings))
+            check_settings(cfg, model_cfg)
+            grad_accum_steps(cfg, args.nproc)
+        except SystemExit as e:
+            fail(f"{name}: {str(e).removeprefix('error: ')}")
     return variants, tokens
 
 

@@ -57,13 +57,18 @@ def test_ablation_end_to_end(small_shards, hellaswag_file, tmp_path, capsys):
     assert (out / "results.md").read_text().splitlines()[2:] == table[2:]
 
 
-def test_a_failed_run_stops_the_study(small_shards, tmp_path):
+def test_a_failed_run_stops_the_study(small_shards, tmp_path, monkeypatch):
+    popen = subprocess.Popen
+
+    def crash_baseline_seed1(cmd, **kw):  # the run fails as a crash would (settings are checked up front)
+        return popen([sys.executable, "-c", "raise SystemExit(3)"] if "baseline-seed1" in cmd else cmd, **kw)
+
+    monkeypatch.setattr(ablate.subprocess, "Popen", crash_baseline_seed1)
     out = tmp_path / "res"
-    with pytest.raises(SystemExit, match="run bad-seed1 failed"):  # 2 heads do not divide 33 channels
-        ablate.main(["--base", TINY, "--data_dir", small_shards, "--tokens", "384", "--out", str(out), "--seeds", "1",
-                     "--variant", "bad=--n_embd 33", "--variant", "later=--max_lr 1e-3"])
-    assert "error" in (out / "runs" / "bad-seed1.out").read_text()
-    assert not (out / "runs" / "later-seed1").exists()  # not started after the failure
+    with pytest.raises(SystemExit, match="run baseline-seed1 failed"):
+        ablate.main(["--base", TINY, "--data_dir", small_shards, "--tokens", "384", "--out", str(out),
+                     "--seeds", "1", "2", "--variant", "later=--max_lr 1e-3"])
+    assert not (out / "runs" / "baseline-seed2").exists() and not (out / "runs" / "later-seed1").exists()
 
 
 def test_a_seed_twice_is_refused(small_shards, tmp_path):
@@ -130,6 +135,8 @@ def test_reach():
     ("baseline=--max_lr 1", "a new NAME each"),
     ("Baseline=--max_lr 1", "a new NAME each"),
     ("nonsense", "NAME=CONFIG_FILE"),
+    ("x=--n_embd 33", "x: n_embd .33. must be a multiple of n_head"),  # what train_gpt2.py would refuse
+    ("x=--micro_batch_size 3", "x: total_batch_size 128 is not a multiple"),
 ])
 def test_variants_that_change_the_comparison_are_refused(small_shards, tmp_path, variant, message):
     with pytest.raises(SystemExit, match=message):
