@@ -207,7 +207,8 @@ def run_all(variants, args):
             return run_one(*run, args, env)
         except BaseException as e:
             stop.set()
-            print(e, file=sys.stderr, flush=True)  # now, not when the runs still training end
+            if parallel > 1:  # now, not only once the runs still training end
+                print(e, file=sys.stderr, flush=True)
             raise
         finally:
             slots.put(env)
