@@ -143,9 +143,9 @@ def run_one(name, seed, settings, args, env=None):
                "train_gpt2.py", *cmd]
     else:
         cmd = [sys.executable, "train_gpt2.py", *cmd]
-    slot = "".join(f" [{k}={env[k]}]" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
-                   if env and args.parallel > 1 and k in env)
-    print(f"=== {run}{slot}: {shlex.join(cmd[2:] if args.nproc == 1 else cmd[4:])}", flush=True)
+    where = "".join(f" [{k}={env[k]}]" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+                    if env and args.parallel > 1 and k in env)
+    print(f"=== {run}{where}: {shlex.join(cmd[2:] if args.nproc == 1 else cmd[4:])}", flush=True)
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     with open(run_dir + ".out", "a") as out:
@@ -286,6 +286,17 @@ def reach(curve, target):
     return None
 
 
+def baseline_budget(runs, study=None):
+    """What every variant is measured against: the baseline's final val loss (the mean over its seeds), and
+    the tokens and training time it took (its mean curve's last point), the ratios' denominators."""
+    target = statistics.mean(r["val"][-1][3] for r in runs)
+    if math.isnan(target):
+        fail(f"{study + ': ' if study else ''}the baseline's final val loss is NaN: it diverged, and no variant "
+             f"can be measured against it")
+    _, tokens, time_s, _ = mean_curve(runs)[-1]
+    return target, tokens, time_s
+
+
 def mean_std(xs):
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -293,10 +304,7 @@ def mean_std(xs):
 def write_results(out, results, tokens):
     names = list(results)
     final = {n: mean_std([r["val"][-1][3] for r in results[n]]) for n in names}
-    target = final["baseline"][0]
-    if math.isnan(target):
-        fail("the baseline's final val loss is NaN: it diverged, and no variant can be measured against it")
-    _, base_tokens, base_time, _ = mean_curve(results["baseline"])[-1]  # the ratios are of its whole budget
+    target, base_tokens, base_time = baseline_budget(results["baseline"])
     rows = ["| variant | params | tokens | final val loss | tokens to baseline's final val | time to it | "
             "train time | tokens/s | HellaSwag |", "|---|---|---|---|---|---|---|---|---|"]
     for n in names:

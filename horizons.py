@@ -2,8 +2,9 @@
 Do an ablation's results hold at longer horizons? Reads ablate.py's results.json from one study per
 horizon (the same variant names, each against its own baseline) and reports, for every variant and horizon:
 the final val loss, mean and 95% interval over seeds, and its difference from the baseline's with the
-95% interval of the per-seed differences (seed s of the variant against seed s of the baseline); the tokens and the training time at which the variant's mean curve reaches the baseline's final
-val loss, as ratios of the baseline's budget; and one plot of both ratios against the horizon.
+95% interval of the per-seed differences (seed s of the variant against seed s of the baseline); the
+tokens and the training time at which the variant's mean curve reaches the baseline's final val loss, as
+ratios of the baseline's budget; and one plot of both ratios against the horizon.
 
     python horizons.py results/horizon_30 results/horizon_120 results/horizon_480 --out results/horizons
 
@@ -11,7 +12,6 @@ Writes horizons.md (the table) and horizons.png (token ratio and time ratio agai
 """
 
 import argparse
-import io
 import json
 import math
 import os
@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ablate import mean_curve, reach
+from ablate import baseline_budget, mean_curve, reach
 from data import atomic_write, fail
 
 # Student's t at 97.5% for 1-9 degrees of freedom (any statistics table, 3 decimals); from 10 on, the expansion
@@ -60,10 +60,7 @@ def horizon(study):
     except (OSError, ValueError, KeyError) as e:
         fail(f"{path}: not an ablate.py results.json with a baseline ({e}); run ablate.py --out {study} first")
     finals = {n: {seed_of(r): r["val"][-1][3] for r in runs} for n, runs in variants.items()}
-    target = statistics.mean(finals["baseline"].values())
-    if math.isnan(target):
-        fail(f"{study}: the baseline's final val loss is NaN (it diverged); nothing can be measured against it")
-    _, base_tokens, base_time, _ = mean_curve(baseline)[-1]  # its budget: the ratios' denominators
+    target, base_tokens, base_time = baseline_budget(baseline, study)
     out = {}
     for name, runs in variants.items():
         reached = reach(mean_curve(runs), target)
@@ -114,11 +111,9 @@ def plot(curves, path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("÷ the baseline's budget (lower is better; hollow, at the top: not reached)")
     axes[1].legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     with atomic_write(path) as f:
-        f.write(buf.getvalue())
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv=None):

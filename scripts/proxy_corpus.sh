@@ -9,9 +9,9 @@
 #
 # Each file is read once (Debian reaches Python's through two paths), and no file or piece twice, so no
 # document of the val shard is also in train (a few boilerplate paragraphs recur across files: ~1.5% of
-# the val characters, far from the old corpus, which had every file twice). Files are cut at blank lines into pieces of about 4,000 characters and
-# the pieces shuffled with a fixed seed: the tokens an evaluation reads come from dozens of files, a
-# sample of the whole manual. Then fineweb_edu.py tokenises them.
+# the val characters; the old corpus had every file twice). Files are cut at blank lines into pieces of
+# about 4,000 characters and the pieces shuffled with a fixed seed: the tokens an evaluation reads come
+# from dozens of files, a sample of the whole manual. Then fineweb_edu.py tokenises them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${1:-python}
