@@ -109,7 +109,7 @@ def plot(curves, path):
         ax.minorticks_off()
         ax.set(xlabel="tokens trained (the horizon)", title=f"{what} to reach the baseline's final val loss")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("÷ the baseline's budget (lower is better; hollow, at the top: not reached)")
+    axes[0].set_ylabel("÷ the baseline's budget\n(lower is better; hollow, at the top: not reached)")
     axes[1].legend(fontsize=8)
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
